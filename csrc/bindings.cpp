@@ -1,0 +1,34 @@
+// The only file that includes pybind11: it exposes build information to Python. The ops
+// themselves are registered with TORCH_LIBRARY (registration.cpp and each kernel file), so
+// loading this module is what makes torch.ops.smoe_ops.* available.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#define SMOE_STR_(x) #x
+#define SMOE_STR(x) SMOE_STR_(x)
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = std::string(SMOE_STR(SMOE_OPS_VERSION));
+  std::vector<std::string> backends{"cpu"};
+  info["backends"] = backends;
+  info["cuda_archs"] = std::vector<std::string>{};
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "smoe_ops compiled kernels; the ops live in torch.ops.smoe_ops";
+  m.def("build_info", &build_info, "version, compiled backends and CUDA architectures");
+}

@@ -1,0 +1,65 @@
+// Input checks shared by every kernel. Each failure names the op, the argument, what it got
+// and what it expected, and raises the Python exception a caller would expect: ValueError
+// for bad values and shapes, TypeError for dtypes, IndexError for indices out of range.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+#include <sstream>
+#include <string>
+
+namespace smoe {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+inline void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t rank,
+                       const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == rank, op, ": ", name, " must be ", rank, "-D ", layout,
+                    ", got shape ", shape_str(t));
+}
+
+inline void check_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the CPU for this kernel, ",
+                    "got device ", t.device());
+}
+
+inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 ||
+                       st == at::kHalf,
+                   op, ": ", name, " must be float32, float64, bfloat16 or float16, got ", st);
+}
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t,
+                        at::ScalarType expected) {
+  TORCH_CHECK_TYPE(t.scalar_type() == expected, op, ": ", name, " must be ", expected, ", got ",
+                   t.scalar_type());
+}
+
+inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t,
+                             const char* other_name, const at::Tensor& other) {
+  TORCH_CHECK_TYPE(t.scalar_type() == other.scalar_type(), op, ": ", name, " must have the dtype",
+                   " of ", other_name, " (", other.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_size(const char* op, const char* name, const at::Tensor& t, int64_t dim,
+                       int64_t expected, const char* what) {
+  TORCH_CHECK_VALUE(t.size(dim) == expected, op, ": ", name, ".shape[", dim, "] must equal ",
+                    what, " (", expected, "), got shape ", shape_str(t));
+}
+
+// Accumulation type: float64 stays float64, everything else accumulates in float32.
+template <typename scalar_t>
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Routing weights, losses and probabilities are float32, or float64 for float64 logits.
+inline at::ScalarType weight_dtype(at::ScalarType logits_dtype) {
+  return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace smoe

@@ -1,0 +1,26 @@
+"""Shared test helpers: the one per-dtype tolerance table, and comparison against references."""
+
+import torch
+
+# (rtol, atol) for kernel output vs a float64 reference computed from the same inputs.
+# bfloat16 / float16: one rounding of the output plus float32 accumulation.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-2),
+    torch.float16: (2e-3, 1e-3),
+}
+
+DTYPES = list(TOLERANCES)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, scale=1.0, msg=""):
+    """Compare `actual` with a (float64) `expected`, at the tolerance of `dtype`.
+
+    `scale` widens the tolerance for results that sum many rounded terms (GEMMs).
+    """
+    dtype = dtype or actual.dtype
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol * scale, atol=atol * scale, msg=msg or None
+    )
