@@ -50,12 +50,13 @@ def machine() -> str:
 
 
 def time_fn(fn: Callable[[], object], min_time_s: float = 0.02) -> float:
-    """Seconds per call of `fn`, averaged over enough calls to last about `min_time_s`."""
-    fn()
+    """Seconds per call of a warmed-up `fn`, averaged over enough calls to last `min_time_s`."""
     start = time.perf_counter()
     fn()
     once = time.perf_counter() - start
-    iters = max(1, int(min_time_s / max(once, 1e-7)))
+    iters = int(min_time_s / max(once, 1e-7))
+    if iters <= 1:
+        return once
     start = time.perf_counter()
     for _ in range(iters):
         fn()
@@ -64,6 +65,9 @@ def time_fn(fn: Callable[[], object], min_time_s: float = 0.02) -> float:
 
 def time_pair(ours, ref, repeats: int, min_time_s: float = 0.02):
     """Interleaved samples of ours and the reference, so drift hits both alike."""
+    ours()  # warm-up: first-call allocations, lazy initialization, compilation
+    if ref is not None:
+        ref()
     ours_s, ref_s = [], []
     for _ in range(repeats):
         ours_s.append(time_fn(ours, min_time_s))
@@ -88,6 +92,7 @@ def copy_bandwidth_gbs(repeats: int = 5) -> float:
     if "copy" not in _CEILING_CACHE:
         src = torch.randn(64 * 1024 * 1024 // 4 * 4)  # 256 MiB
         dst = torch.empty_like(src)
+        dst.copy_(src)
         best = min(time_fn(lambda: dst.copy_(src), 0.2) for _ in range(repeats))
         _CEILING_CACHE["copy"] = 2 * src.numel() * 4 / best / 1e9
     return _CEILING_CACHE["copy"]
@@ -99,6 +104,7 @@ def dense_gemm_gflops(m: int, k: int, n: int, dtype=torch.float32, repeats: int 
     if key not in _CEILING_CACHE:
         a = torch.randn(m, k).to(dtype)
         b = torch.randn(k, n).to(dtype)
+        torch.mm(a, b)
         best = min(time_fn(lambda: torch.mm(a, b), 0.1) for _ in range(repeats))
         _CEILING_CACHE[key] = 2 * m * k * n / best / 1e9
     return _CEILING_CACHE[key]
