@@ -23,9 +23,9 @@
 // weights dtype, or as an empty [0] tensor when it is not requested.
 //
 // inverse must come from dispatch, i.e. be a permutation of [0, N): only then does permute
-// write every row of xs exactly once and unpermute_backward every row of grad_ys. Values
-// outside [0, N) raise IndexError; repeated values are not detected (the rows they leave out
-// hold uninitialized memory).
+// write every row of xs exactly once and unpermute_backward every row of grad_ys. Both check
+// it (IndexError for a value outside [0, N), ValueError for a repeated one); unpermute only
+// reads rows and checks the range.
 //
 // Threads:
 //   dispatch: a stable counting sort. The N slots are split into C contiguous chunks (one per
@@ -33,10 +33,15 @@
 //     serial prefix sum over (expert, chunk) gives every chunk its first row per expert; then
 //     each chunk scatters its slots in increasing order, which keeps the sort stable. The
 //     result is unique (a stable sort), so it does not depend on C or the thread count.
-//   permute / unpermute / unpermute_backward: at::parallel_for over tokens t. A token touches
-//     its own output row (or its k own rows of grad_ys), so tasks never write the same memory.
-//     Rows are contiguous runs of H elements: memcpy for permute, float32 (float64) loops that
-//     vectorize for the sums; bfloat16 / float16 rows are widened kChunk elements at a time.
+//   Every kernel that moves rows writes its output in order, one contiguous block per task
+//   (sequential stores; the first touch of a fresh output's pages often costs more than the
+//   copy itself), and gathers its inputs:
+//   permute, unpermute_backward: at::parallel_for over sorted rows r; slot s = order[r] is
+//     rebuilt from inverse by one serial pass that also proves inverse is a permutation.
+//   unpermute: at::parallel_for over tokens t; the k rows are summed kBlock elements at a
+//     time, so k read streams are in flight at once and the partial sum stays in L1.
+//   Rows are contiguous runs of H elements: memcpy for permute, float32 (float64) loops that
+//   vectorize for the sums; bfloat16 / float16 rows are widened kChunk elements at a time.
 // Reference: smoe_ops.reference.dispatch / permute / unpermute.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -56,13 +61,15 @@ namespace {
 
 constexpr int64_t kSlotsPerChunk = 16384;  // below this, a thread's counting sort is ~10 us
 constexpr int64_t kChunk = 512;            // elements per widening buffer (bf16 / fp16 rows)
+constexpr int64_t kBlock = 256;            // row elements per step of a k-row sum
 constexpr int64_t kTaskElems = 16384;      // elements moved per parallel task, at least
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Tokens per parallel task, when each token moves rows_per_token rows of hidden_size.
-int64_t token_grain(int64_t rows_per_token, int64_t hidden_size) {
-  return std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, rows_per_token * hidden_size));
+// Items (tokens or rows) per parallel task, when each item moves rows_per_item rows of
+// hidden_size elements.
+int64_t task_grain(int64_t rows_per_item, int64_t hidden_size) {
+  return std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, rows_per_item * hidden_size));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,7 +271,7 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& inverse_in) {
   const int64_t row_bytes = hidden * x.element_size();
   const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(xs.data_ptr());
-  at::parallel_for(0, num_rows, token_grain(1, hidden), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_rows, task_grain(1, hidden), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       std::memcpy(dst + r * row_bytes, src + slot_of_row[r] / topk * row_bytes, row_bytes);
     }
@@ -302,9 +309,12 @@ float scale_dot_row_f32(const float* g, const float* y, float w, float* out, int
 
 void unpermute_token(const float* ys, int64_t hidden, const int32_t* rows, const float* weights,
                      int64_t topk, float* out) {
-  scale_row_f32(ys + rows[0] * hidden, weights ? weights[0] : 1.0f, out, hidden);
-  for (int64_t j = 1; j < topk; ++j) {
-    axpy_row_f32(ys + rows[j] * hidden, weights ? weights[j] : 1.0f, out, hidden);
+  for (int64_t start = 0; start < hidden; start += kBlock) {
+    const int64_t len = std::min(kBlock, hidden - start);
+    scale_row_f32(ys + rows[0] * hidden + start, weights ? weights[0] : 1.0f, out + start, len);
+    for (int64_t j = 1; j < topk; ++j) {
+      axpy_row_f32(ys + rows[j] * hidden + start, weights ? weights[j] : 1.0f, out + start, len);
+    }
   }
 }
 
@@ -360,7 +370,7 @@ at::Tensor unpermute_cpu(const at::Tensor& ys_in, const at::Tensor& inverse_in,
     const int32_t* rows = inverse.data_ptr<int32_t>();
     const acc_t<scalar_t>* w = data_or_null<scalar_t>(weights);
     scalar_t* out = y.data_ptr<scalar_t>();
-    at::parallel_for(0, num_tokens, token_grain(topk, hidden), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, num_tokens, task_grain(topk, hidden), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         unpermute_token(src, hidden, rows + t * topk, w ? w + t * topk : nullptr, topk,
                         out + t * hidden);
@@ -448,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
         const acc* w = data_or_null<scalar_t>(weights);
         scalar_t* dst = grad_ys.data_ptr<scalar_t>();
         acc* gw = want_grad_weights ? grad_weights.data_ptr<acc>() : nullptr;
-        at::parallel_for(0, num_rows, token_grain(1, hidden), [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, num_rows, task_grain(1, hidden), [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {
             const int64_t s = slot_of_row[r];
             unpermute_backward_row(g + s / topk * hidden, src + r * hidden, hidden,

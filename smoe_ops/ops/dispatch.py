@@ -53,8 +53,9 @@ def permute(x: torch.Tensor, d: Dispatch) -> torch.Tensor:
 
     Args:
         x: [T, H] float32, float64, bfloat16 or float16; any strides.
-        d: the Dispatch of the routing, from `dispatch` (d.inverse must be a permutation of
-            [0, T*k): only then is every row of the result written, exactly once).
+        d: the Dispatch of the routing, from `dispatch`. d.inverse must be a permutation of
+            [0, T*k), so that every row of the result is written exactly once; the kernel
+            checks it (IndexError out of range, ValueError for a repeated row).
 
     Returns:
         xs [T*k, H], the dtype of x; rows of expert e are d.offsets[e]:d.offsets[e + 1].
