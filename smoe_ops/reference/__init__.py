@@ -2,5 +2,6 @@
 benchmark baseline. Nothing here imports the compiled kernels."""
 
 from smoe_ops.reference.activation import swiglu
+from smoe_ops.reference.dispatch import Dispatch, dispatch, permute, unpermute
 
-__all__ = ["swiglu"]
+__all__ = ["Dispatch", "dispatch", "permute", "swiglu", "unpermute"]
