@@ -1,5 +1,6 @@
 """Typed Python wrappers over the compiled ops, with their fake kernels and autograd."""
 
 from smoe_ops.ops.activation import swiglu
+from smoe_ops.ops.routing import RouteResult, RouterLosses, route, router_losses
 
-__all__ = ["swiglu"]
+__all__ = ["RouteResult", "RouterLosses", "route", "router_losses", "swiglu"]

@@ -2,5 +2,6 @@
 benchmark baseline. Nothing here imports the compiled kernels."""
 
 from smoe_ops.reference.activation import swiglu
+from smoe_ops.reference.routing import RouteResult, RouterLosses, route, router_losses
 
-__all__ = ["swiglu"]
+__all__ = ["RouteResult", "RouterLosses", "route", "router_losses", "swiglu"]
