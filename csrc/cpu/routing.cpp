@@ -29,13 +29,15 @@
 //   + 2 gz lse_t p_m / T; entries with p = 0 or P = 0 contribute 0 (their terms carry p).
 //   The constant -1 of d(x log x) cancels under the softmax Jacobian.
 //
-// Threads: at::parallel_for over rows. Each row is read once into L1 and processed whole:
-// scores (a vectorized float32 loop, or double), then selection on the scores still in cache:
-// small k inserts into a sorted k-buffer, large k partially sorts an index array. counts come
-// from a histogram per task, added atomically once per task. router_losses splits rows into
-// fixed chunks (a function of the shape only), each with its own float64 partial sums, so
-// the result does not depend on the thread count. bfloat16 / float16 rows are widened into a
-// float32 buffer first.
+// Threads: at::parallel_for over rows. Each row is read once and processed whole while it
+// sits in L1: scores (a vectorized float32 loop, or double), then selection. float32
+// selection for k <= 16 takes a lower bound of the k-th key from 16 vector lanes of maxima,
+// compacts the few keys above it, and ranks them with branch-free vector compares; larger k
+// ranks every key, and more than 512 candidates are sorted as packed integers. float64 rows
+// use a plain sort. counts come from a histogram per task, added atomically once per task.
+// router_losses splits rows into fixed chunks (a function of the shape only), each with its
+// own float64 partial sums, so the result does not depend on the thread count. bfloat16 /
+// float16 rows are widened into a float32 buffer first.
 // References: smoe_ops.reference.route, smoe_ops.reference.router_losses.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -253,14 +255,14 @@ SMOE_MULTIVERSION
 void rank_candidates_f32(const float* keys, int64_t m, int64_t m_pad, int32_t* rank) {
   // Fixed-size local blocks: GCC's generic vector types would be lowered for the default
   // target inside every clone, but these loops vectorize per clone.
-  for (int64_t b = 0; b < m_pad; b += 16) {
-    float block[16];
-    int32_t ahead[16] = {};
+  for (int64_t b = 0; b < m_pad; b += kLanes) {
+    float block[kLanes];
+    int32_t ahead[kLanes] = {};
     std::memcpy(block, keys + b, sizeof(block));
     for (int64_t j = 0; j < m; ++j) {
       const float kj = keys[j];
       const int32_t before = static_cast<int32_t>(j - b);  // j < b + l  <=>  before < l
-      for (int32_t l = 0; l < 16; ++l) {
+      for (int32_t l = 0; l < kLanes; ++l) {
         ahead[l] += (kj > block[l]) | ((kj == block[l]) & (before < l));
       }
     }
@@ -555,7 +557,7 @@ void route_backward_kernel(const at::Tensor& grad_weights, const at::Tensor& log
       if constexpr (std::is_same_v<scalar_t, T>) {
         route_backward_row(x + t * E, g + t * k, id + t * k, c, dp.data(), out + t * E);
       } else {
-        for (int64_t e = 0; e < E; ++e) row[e] = static_cast<float>(x[t * E + e]);
+        for (int64_t e = 0; e < E; ++e) row[e] = static_cast<T>(x[t * E + e]);
         route_backward_row(row.data(), g + t * k, id + t * k, c, dp.data(), grad_row.data());
         for (int64_t e = 0; e < E; ++e) out[t * E + e] = static_cast<scalar_t>(grad_row[e]);
       }
