@@ -60,8 +60,9 @@ VARIANTS = [
 ]
 
 
-def check_against_reference(logits, k, score, renormalize, bias, num_groups, topk_groups,
-                            scale):
+def check_against_reference(
+    logits, k, score, renormalize, bias, num_groups, topk_groups, scale
+):
     """Forward and backward of smoe_ops.route against the reference on the same inputs."""
     logits = logits.detach().requires_grad_()
     args = (k, score, renormalize, bias, num_groups, topk_groups, scale)
@@ -97,8 +98,9 @@ def test_matches_reference(case, dtype, variant):
     score, renormalize, with_bias, scale = variant
     logits = distinct_logits(num_tokens, num_experts, dtype)
     bias = integer_bias(num_experts) if with_bias else None
-    check_against_reference(logits, k, score, renormalize, bias, num_groups, topk_groups,
-                            scale)
+    check_against_reference(
+        logits, k, score, renormalize, bias, num_groups, topk_groups, scale
+    )
 
 
 def test_deepseek_v3_router():

@@ -20,9 +20,8 @@ SHAPES = [
 
 def random_logits(num_tokens, num_experts, dtype, seed=0, scale=3.0):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_tokens, num_experts, generator=gen, dtype=torch.float64) * scale).to(
-        dtype
-    )
+    logits = torch.randn(num_tokens, num_experts, generator=gen, dtype=torch.float64) * scale
+    return logits.to(dtype)
 
 
 def check_against_reference(logits, k, score="softmax"):

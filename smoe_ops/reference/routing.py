@@ -88,8 +88,13 @@ def route(
     topk_groups = num_groups if topk_groups is None else topk_groups
     if score not in ("softmax", "sigmoid"):
         raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
-    if not 1 <= k <= topk_groups * (num_experts // num_groups) or num_experts % num_groups:
-        raise ValueError(f"bad k={k}, num_groups={num_groups}, topk_groups={topk_groups}")
+    if num_groups < 1 or num_experts % num_groups or not 1 <= topk_groups <= num_groups:
+        raise ValueError(
+            f"num_groups={num_groups} must divide E={num_experts}, and "
+            f"topk_groups={topk_groups} must be in [1, num_groups]"
+        )
+    if not 1 <= k <= topk_groups * (num_experts // num_groups):
+        raise ValueError(f"k={k} must be in [1, experts of the kept groups]")
 
     dtype = _compute_dtype(logits)
     x = logits.to(dtype)
@@ -121,11 +126,11 @@ def router_losses(logits: torch.Tensor, r: RouteResult) -> RouterLosses:
     num_tokens, num_experts = logits.shape
     k = r.ids.shape[1]
     dtype = _compute_dtype(logits)
+    x = logits.to(dtype)
     if num_tokens == 0:
-        zero = logits.new_zeros((), dtype=dtype)
+        zero = x.sum()  # 0, and still attached to logits for autograd
         return RouterLosses(zero, zero, zero, zero)
 
-    x = logits.to(dtype)
     log_probs = torch.log_softmax(x, dim=-1)
     probs = log_probs.exp()
     mean_probs = probs.mean(dim=0)
