@@ -1,7 +1,9 @@
 """smoe_ops: fused sparse Mixture-of-Experts kernels for PyTorch.
 
     import smoe_ops
-    h = smoe_ops.swiglu(gate_up)
+    r = smoe_ops.route(logits, k)
+    d = smoe_ops.dispatch(r.ids, num_experts)
+    y = smoe_ops.unpermute(expert_fn(smoe_ops.permute(x, d)), d, r.weights)
 
 See DESIGN.md for the whole API; `smoe_ops.reference` holds the pure-PyTorch specification.
 """
@@ -9,9 +11,19 @@ See DESIGN.md for the whole API; `smoe_ops.reference` holds the pure-PyTorch spe
 from smoe_ops import reference
 from smoe_ops._library import build_info
 from smoe_ops._version import __version__
-from smoe_ops.ops import Dispatch, dispatch, permute, swiglu, unpermute
+from smoe_ops.ops import (
+    Dispatch,
+    RouteResult,
+    RouterLosses,
+    dispatch,
+    permute,
+    route,
+    router_losses,
+    swiglu,
+    unpermute,
+)
 
 __all__ = [
-    "Dispatch", "__version__", "build_info", "dispatch", "permute", "reference", "swiglu",
-    "unpermute",
+    "Dispatch", "RouteResult", "RouterLosses", "__version__", "build_info", "dispatch",
+    "permute", "reference", "route", "router_losses", "swiglu", "unpermute",
 ]  # fmt: skip

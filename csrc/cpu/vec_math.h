@@ -49,7 +49,8 @@ __attribute__((always_inline)) inline float fast_expf(float x) {
   return x != x ? x : y;
 }
 
-inline double fast_exp(double x) { return std::exp(x); }
-inline float fast_exp(float x) { return fast_expf(x); }
+// always_inline: a call out of a vector loop would leave that loop scalar.
+__attribute__((always_inline)) inline double fast_exp(double x) { return std::exp(x); }
+__attribute__((always_inline)) inline float fast_exp(float x) { return fast_expf(x); }
 
 }  // namespace smoe

@@ -2,5 +2,9 @@
 
 from smoe_ops.ops.activation import swiglu
 from smoe_ops.ops.dispatch import Dispatch, dispatch, permute, unpermute
+from smoe_ops.ops.routing import RouteResult, RouterLosses, route, router_losses
 
-__all__ = ["Dispatch", "dispatch", "permute", "swiglu", "unpermute"]
+__all__ = [
+    "Dispatch", "RouteResult", "RouterLosses", "dispatch", "permute", "route", "router_losses",
+    "swiglu", "unpermute",
+]  # fmt: skip

@@ -3,5 +3,9 @@ benchmark baseline. Nothing here imports the compiled kernels."""
 
 from smoe_ops.reference.activation import swiglu
 from smoe_ops.reference.dispatch import Dispatch, dispatch, permute, unpermute
+from smoe_ops.reference.routing import RouteResult, RouterLosses, route, router_losses
 
-__all__ = ["Dispatch", "dispatch", "permute", "swiglu", "unpermute"]
+__all__ = [
+    "Dispatch", "RouteResult", "RouterLosses", "dispatch", "permute", "route", "router_losses",
+    "swiglu", "unpermute",
+]  # fmt: skip
