@@ -9,6 +9,6 @@ See DESIGN.md for the whole API; `smoe_ops.reference` holds the pure-PyTorch spe
 from smoe_ops import reference
 from smoe_ops._library import build_info
 from smoe_ops._version import __version__
-from smoe_ops.ops import swiglu
+from smoe_ops.ops import grouped_mm, swiglu
 
-__all__ = ["__version__", "build_info", "reference", "swiglu"]
+__all__ = ["__version__", "build_info", "grouped_mm", "reference", "swiglu"]

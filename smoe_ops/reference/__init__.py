@@ -2,5 +2,6 @@
 benchmark baseline. Nothing here imports the compiled kernels."""
 
 from smoe_ops.reference.activation import swiglu
+from smoe_ops.reference.grouped_mm import grouped_mm
 
-__all__ = ["swiglu"]
+__all__ = ["grouped_mm", "swiglu"]
