@@ -1,20 +1,49 @@
 """Benchmark runner: sweeps every op family, prints a markdown table, writes CSV and markdown.
 
-    python -m benchmarks.run --quick            # the README's main job, about a minute
-    python -m benchmarks.run --out docs         # the full sweep behind docs/benchmarks.md
+    python -m benchmarks.run --quick                    # the README's main job, about a minute
+    python -m benchmarks.run --memory --out docs        # the full sweep behind docs/benchmarks.md
 """
 
 import argparse
 import logging
 import os
+import sys
 
 import torch
 from tqdm import tqdm
 
-from benchmarks import bench_activation
+from benchmarks import (
+    bench_activation,
+    bench_dispatch,
+    bench_grouped_mm,
+    bench_moe,
+    bench_routing,
+    targets,
+)
 from benchmarks.common import git_sha, machine, markdown_table, run_case, write_csv
 
-FAMILIES = {"activation": bench_activation}
+FAMILIES = {
+    "routing": bench_routing,
+    "dispatch": bench_dispatch,
+    "grouped_mm": bench_grouped_mm,
+    "activation": bench_activation,
+    "moe": bench_moe,
+}
+
+
+def memory_table(rows) -> str:
+    lines = [
+        "Peak resident memory added by one moe_ffn forward + backward step (best of 3):",
+        "",
+        "| shape | smoe_ops | reference loop | ratio |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = r["ours_mib"] / r["ref_mib"]
+        lines.append(
+            f"| {r['shape']} | {r['ours_mib']:.0f} MiB | {r['ref_mib']:.0f} MiB | {ratio:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -22,25 +51,39 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a small sweep, about a minute")
     parser.add_argument("--only", nargs="*", choices=sorted(FAMILIES), help="op families")
     parser.add_argument("--repeats", type=int, default=None, help="timed samples per case")
-    parser.add_argument("--out", default="bench_out", help="folder for results.csv/.md")
+    parser.add_argument("--memory", action="store_true", help="also peak memory of moe_ffn")
+    parser.add_argument("--out", default="bench_out", help="folder for benchmarks.csv/.md")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
 
-    repeats = args.repeats or (5 if args.quick else 9)
+    repeats = args.repeats or (3 if args.quick else 7)
     families = args.only or list(FAMILIES)
     cases = [c for name in families for c in FAMILIES[name].cases(args.quick)]
     sha = git_sha()
     rows = [run_case(c, repeats, sha) for c in tqdm(cases, desc="benchmarks", unit="case")]
+    memory = bench_moe.memory_rows() if args.memory else []
 
-    table = markdown_table(rows)
-    header = f"Measured on: {machine()}; git {sha}; median of {repeats} samples.\n\n"
-    print(header + table)
+    report = [
+        f"Measured on: {machine()}; git {sha}; median of {repeats} samples, each the mean of",
+        "enough calls to last 20 ms. Spread: interquartile range over the median.",
+        "`vs ref`: reference time / our time, measured in the same run, interleaved.",
+        "",
+        markdown_table(rows),
+    ]
+    if memory:
+        report += ["", memory_table(memory)]
+    report += ["", "Targets (float32, this machine):", "", targets.check(rows, memory)]
+    text = "\n".join(report)
+    print(text)
+
     os.makedirs(args.out, exist_ok=True)
-    write_csv(rows, os.path.join(args.out, "results.csv"))
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(header + table + "\n")
+    write_csv(rows, os.path.join(args.out, "benchmarks.csv"))
+    with open(os.path.join(args.out, "benchmarks.md"), "w") as f:
+        f.write(f"# Benchmarks\n\nWritten by `python -m benchmarks.run {' '.join(argv)}`.\n\n")
+        f.write(text + "\n")
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
     main()
