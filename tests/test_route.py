@@ -41,9 +41,9 @@ CASES = [
     (33, 8, 8, None, None),  # k = E: every expert, all ranked
     (33, 60, 8, None, None),  # E not a multiple of 16: vector tails
     (33, 64, 1, None, None),  # k = 1
-    (33, 128, 17, None, None),  # k > 16: no lower bound, all E ranked
-    (33, 257, 257, None, None),  # prime E, k = E: the largest ranked selection
-    (9, 600, 20, None, None),  # more than 512 candidates: the sorting path
+    (33, 128, 17, None, None),  # k > 16: no lower bound, all 128 keys ranked
+    (33, 257, 257, None, None),  # prime E, k = E: 257 keys, just past the ranking limit
+    (9, 600, 20, None, None),  # wide rows, k > 16: 600 candidates, sorted
     (4096, 128, 8, None, None),  # Mixtral-like width, many rows: several tasks merge counts
     (33, 256, 8, 8, 4),  # DeepSeek-V3 groups: 8 groups of 32, keep 4
     (33, 64, 16, 64, 20),  # groups of one expert: a group scores its only key
