@@ -337,3 +337,14 @@ def test_backward_bad_input_names_the_argument():
         backward(torch.zeros(4, 3), logits, ids, "softmax", True, 1.0)
     with pytest.raises(TypeError, match=r"ids must be Int, got Long"):
         backward(grad, logits, ids.long(), "softmax", True, 1.0)
+
+
+def test_selection_follows_the_exact_scores_where_float32_scores_tie():
+    # exp(-200) and exp(-201) both underflow to 0 in float32, a tie that would go to the lower
+    # id; in exact arithmetic (the float64 reference) expert 2 scores higher than expert 1.
+    # The float32 kernel selects on the logits (softmax is increasing) and must agree.
+    logits = torch.tensor([[0.0, -201.0, -200.0]])
+    r = smoe_ops.route(logits, 2)
+    expected = reference.route(logits.double(), 2)
+    assert r.ids.tolist() == expected.ids.tolist() == [[0, 2]]
+    assert_close(r.weights, expected.weights, torch.float32)

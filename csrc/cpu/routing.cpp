@@ -30,7 +30,9 @@
 //   The constant -1 of d(x log x) cancels under the softmax Jacobian.
 //
 // Threads: at::parallel_for over rows. Each row is read once and processed whole while it
-// sits in L1: scores (a vectorized float32 loop, or double), then selection. float32
+// sits in L1: scores (a vectorized float32 loop, or double), then selection. float32 rows
+// with no bias and no groups (sigmoid, or renormalized softmax) skip the scores: both are
+// increasing, so selection runs on the logits and only the k chosen experts are scored. float32
 // selection for k <= 16 takes a lower bound of the k-th key from 16 vector lanes of maxima,
 // compacts the few keys above it, and ranks them with branch-free vector compares; larger k
 // ranks every key, and more than 256 candidates are sorted as packed integers. float64 rows
@@ -277,6 +279,16 @@ float kth_bound_f32(const float* key, int64_t n, int64_t k) {
   return bound;
 }
 
+// Sum of a row: finite exactly when no entry is NaN or +-inf (barring overflow, which only
+// sends a row to the general path).
+SMOE_MULTIVERSION
+float row_sum_f32(const float* x, int64_t n) {
+  float acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += x[i];
+  return acc;
+}
+
 SMOE_MULTIVERSION
 void group_scores_f32(const float* key, int64_t num_groups, int64_t group_size, float* score) {
   group_scores_body(key, num_groups, group_size, score);
@@ -435,9 +447,43 @@ void select_grouped(const T* key, const RouteConfig& c, RouteScratch<T>& w, int3
   }
 }
 
+// The float32 fast path. Softmax and sigmoid are increasing, so with no bias and no groups
+// the k best scores belong to the k best logits: select on the logits, and score only the k
+// chosen experts. Renormalized softmax then needs k exponentials instead of E:
+// w_j = exp(x_j - x_top) / sum_i exp(x_i - x_top). Ranking the logits is also the order of
+// the exact scores, where float32 scores can round distinct logits to a tie.
+// Returns false, having written nothing, for the rows it does not cover: softmax without
+// renormalize (its denominator needs every exponential), and rows with a NaN or an infinity
+// (softmax turns such a row all NaN, which ranks differently).
+bool route_row_on_logits(const float* x, const RouteConfig& c, TopK& topk, float* weights,
+                         int32_t* ids) {
+  if (!c.sigmoid && !c.renormalize) return false;
+  if (!std::isfinite(row_sum_f32(x, c.num_experts))) return false;
+  topk.select(x, c.num_experts, c.k, ids);
+
+  const float top = x[ids[0]];
+  float total = 0;
+  for (int64_t j = 0; j < c.k; ++j) {
+    const float v = x[ids[j]];
+    weights[j] = c.sigmoid ? 1.0f / (1.0f + std::exp(-v)) : std::exp(v - top);
+    total += weights[j];
+  }
+  // Renormalized sigmoid keeps the clamp of the general path; softmax has total >= 1.
+  const float tiny = std::numeric_limits<float>::min();
+  const float factor = static_cast<float>(c.scale) /
+                       (c.renormalize ? (total < tiny ? tiny : total) : 1.0f);
+  for (int64_t j = 0; j < c.k; ++j) weights[j] *= factor;
+  return true;
+}
+
 template <typename T>
 void route_row(const T* x, const T* bias, const RouteConfig& c, RouteScratch<T>& w, T* weights,
                int32_t* ids) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bias == nullptr && c.num_groups == 1 && route_row_on_logits(x, c, w.topk, weights, ids)) {
+      return;
+    }
+  }
   T* s = w.s.data();
   scores(x, s, c.num_experts, c.sigmoid);
   const T* key = s;
