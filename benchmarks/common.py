@@ -8,6 +8,7 @@ work (large-copy GB/s for memory-bound ops, dense at::mm GFLOP/s for GEMM-bound 
 
 import csv
 import dataclasses
+import math
 import os
 import platform
 import statistics
@@ -160,10 +161,11 @@ def markdown_table(rows) -> str:
     head = "| op | shape | dtype | median | spread | throughput | vs ref | % ceiling | ceiling |"
     lines = [head, "|" + "---|" * 9]
     for r in rows:
+        ratio = "-" if math.isnan(r["ratio_vs_ref"]) else f"{r['ratio_vs_ref']:.2f}x"
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['dtype']} | {format_time(r['median_us'])} | "
             f"{100 * r['spread']:.0f}% | {r['throughput']:.1f} {r['unit']} | "
-            f"{r['ratio_vs_ref']:.2f}x | {r['pct_ceiling']:.0f}% | {r['ceiling']} |"
+            f"{ratio} | {r['pct_ceiling']:.0f}% | {r['ceiling']} |"
         )
     return "\n".join(lines)
 
