@@ -60,9 +60,12 @@ def memory_table(rows) -> str:
 
 
 def system_malloc_memory_rows():
-    """Peak memory rows, measured in a child with glibc's defaults: with memory reuse on,
-    freed pages stay resident and the peak resident size would not show new allocations."""
+    """Peak memory rows, measured in a child where glibc maps every allocation of 64 KiB or
+    more on its own and unmaps it on free, so resident memory follows live tensors. (With
+    memory reuse on, or glibc's default dynamic threshold, freed pages stay resident and the
+    peak resident size would miss new allocations.)"""
     env = {k: v for k, v in os.environ.items() if k not in REUSE_MALLOC_ENV}
+    env["MALLOC_MMAP_THRESHOLD_"] = str(64 << 10)
     code = (
         "import json; from benchmarks.bench_moe import memory_rows; "
         "print(json.dumps(memory_rows()))"
