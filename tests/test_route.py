@@ -348,3 +348,11 @@ def test_selection_follows_the_exact_scores_where_float32_scores_tie():
     expected = reference.route(logits.double(), 2)
     assert r.ids.tolist() == expected.ids.tolist() == [[0, 2]]
     assert_close(r.weights, expected.weights, torch.float32)
+
+
+def test_assignments_beyond_int32_counts_are_refused():
+    # 2^28 tokens * k = 8 assignments overflow int32 counts; a stride-0 view keeps it cheap,
+    # and the check must come before anything is allocated or read.
+    logits = torch.zeros(1, 8).expand(2**28, 8)
+    with pytest.raises(ValueError, match=r"num_tokens \* k must fit int32 counts"):
+        smoe_ops.route(logits, 8)

@@ -755,6 +755,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
   const bool sigmoid = parse_score(op, score);
   check_k(op, k, num_experts);
   check_groups(op, k, num_experts, num_groups, topk_groups);
+  // counts are int32: one expert may receive every one of the T * k assignments.
+  TORCH_CHECK_VALUE(num_tokens * k <= std::numeric_limits<int32_t>::max(), op,
+                    ": num_tokens * k must fit int32 counts (at most 2^31 - 1), got ",
+                    num_tokens, " * ", k);
   const auto wdtype = weight_dtype(logits_in.scalar_type());
   std::optional<at::Tensor> bias;
   if (expert_bias.has_value()) {
