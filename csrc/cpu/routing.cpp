@@ -32,7 +32,9 @@
 // Threads: at::parallel_for over rows. Each row is read once and processed whole while it
 // sits in L1: scores (a vectorized float32 loop, or double), then selection. float32 rows
 // with no bias and no groups (sigmoid, or renormalized softmax) skip the scores: both are
-// increasing, so selection runs on the logits and only the k chosen experts are scored. float32
+// increasing, so selection runs on the logits and only the k chosen experts are scored.
+// The compaction of the keys above the bound uses an AVX-512 compress where the CPU has it
+// (a runtime check), since the scalar loop was ~30% of route at E = 128, k = 8. float32
 // selection for k <= 16 takes a lower bound of the k-th key from 16 vector lanes of maxima,
 // compacts the few keys above it, and ranks them with branch-free vector compares; larger k
 // ranks every key, and more than 256 candidates are sorted as packed integers. float64 rows
@@ -57,6 +59,11 @@
 
 #include "checks.h"
 #include "cpu/vec_math.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define SMOE_HAVE_AVX512_COMPACT 1
+#endif
 
 namespace smoe {
 namespace {
@@ -279,6 +286,47 @@ float kth_bound_f32(const float* key, int64_t n, int64_t k) {
   return bound;
 }
 
+// Positions i of the keys >= bound, ascending, into kept; returns how many. kept needs
+// kLanes entries of slack: whole vectors are stored. The scalar loop is store-bound (each
+// store address waits on the previous compare, ~30% of route at E = 128, k = 8); with
+// AVX-512 a vector compare gives a 16-bit mask and a compress packs the passing positions.
+// The compress goes to a register and then to memory: compress straight to memory is
+// microcoded on some CPUs (AMD Zen 4).
+#ifdef SMOE_HAVE_AVX512_COMPACT
+__attribute__((target("avx512f"))) int64_t keep_at_least_avx512(const float* key, int64_t n,
+                                                                 float bound, int32_t* kept) {
+  const __m512 threshold = _mm512_set1_ps(bound);
+  __m512i position = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(kLanes);
+  int64_t m = 0, i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    // _CMP_GE_OQ: a NaN key never passes, as with the scalar >=.
+    const __mmask16 pass = _mm512_cmp_ps_mask(_mm512_loadu_ps(key + i), threshold, _CMP_GE_OQ);
+    _mm512_storeu_si512(kept + m, _mm512_maskz_compress_epi32(pass, position));
+    m += __builtin_popcount(pass);
+    position = _mm512_add_epi32(position, step);
+  }
+  for (; i < n; ++i) {
+    kept[m] = static_cast<int32_t>(i);
+    m += key[i] >= bound;
+  }
+  return m;
+}
+#endif
+
+int64_t keep_at_least(const float* key, int64_t n, float bound, int32_t* kept) {
+#ifdef SMOE_HAVE_AVX512_COMPACT
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  if (has_avx512) return keep_at_least_avx512(key, n, bound, kept);
+#endif
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    kept[m] = static_cast<int32_t>(i);
+    m += key[i] >= bound;
+  }
+  return m;
+}
+
 // Sum of a row: finite exactly when no entry is NaN or +-inf (barring overflow, which only
 // sends a row to the general path).
 SMOE_MULTIVERSION
@@ -361,7 +409,7 @@ struct TopK {
 
   // kept_keys and rank have room for whole 16-wide blocks.
   explicit TopK(int64_t max_n)
-      : kept_keys(max_n + kLanes), kept(max_n), rank(max_n + kLanes), order(max_n),
+      : kept_keys(max_n + kLanes), kept(max_n + kLanes), rank(max_n + kLanes), order(max_n),
         packed(max_n) {}
 
   // float, the speed path: keep the keys that can be among the k best, then rank them, or
@@ -372,17 +420,7 @@ struct TopK {
     if (bound > kNegInf<float>) {
       // Only keys >= bound can be among the k best; as k keys exceed -inf, no NaN or -inf
       // key is needed. Branch-free compaction, positions ascending.
-      // TODO: this loop is the largest single cost of route at E = 128, k = 8 (about 30% in
-      // perf: each store address waits on the previous compare) and it runs as baseline
-      // x86-64 code. An AVX-512 compress-store version (behind a runtime CPU check; the
-      // clones cannot take intrinsics) would remove it; do it when route must reach the
-      // 2x-of-a-logits-copy target. Inlining the whole row into one multiversioned function
-      // was tried and gained nothing.
-      m = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        kept[m] = static_cast<int32_t>(i);
-        m += key[i] >= bound;
-      }
+      m = keep_at_least(key, n, bound, kept.data());
     } else {
       std::iota(kept.begin(), kept.begin() + n, 0);
     }
@@ -471,7 +509,7 @@ bool route_row_on_logits(const float* x, const RouteConfig& c, TopK& topk, float
   float total = 0;
   for (int64_t j = 0; j < c.k; ++j) {
     const float v = x[ids[j]];
-    weights[j] = c.sigmoid ? 1.0f / (1.0f + std::exp(-v)) : std::exp(v - top);
+    weights[j] = c.sigmoid ? 1.0f / (1.0f + fast_expf(-v)) : fast_expf(v - top);
     total += weights[j];
   }
   // Renormalized sigmoid keeps the clamp of the general path; softmax has total >= 1.
