@@ -2,6 +2,10 @@
 tolerance table; ties, NaN, -inf, group-limited routing, opcheck, gradcheck, torch.compile
 and bad inputs."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -356,3 +360,21 @@ def test_assignments_beyond_int32_counts_are_refused():
     logits = torch.zeros(1, 8).expand(2**28, 8)
     with pytest.raises(ValueError, match=r"num_tokens \* k must fit int32 counts"):
         smoe_ops.route(logits, 8)
+
+
+def test_scalar_compaction_path_matches_the_reference():
+    # The AVX-512 compaction is chosen at run time; SMOE_OPS_NO_AVX512 forces the scalar loop
+    # that other CPUs run, in a fresh process (the choice is made once per process).
+    code = (
+        "import torch, smoe_ops\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for experts, k in [(7, 2), (60, 4), (128, 8), (257, 16)]:\n"
+        "    logits = torch.randn(333, experts, generator=g)\n"
+        "    for score in ['softmax', 'sigmoid']:\n"
+        "        r = smoe_ops.route(logits, k, score=score)\n"
+        "        ref = smoe_ops.reference.route(logits.double(), k, score=score)\n"
+        "        assert torch.equal(r.ids, ref.ids), (experts, k, score)\n"
+    )
+    env = {**os.environ, "SMOE_OPS_NO_AVX512": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
