@@ -1,0 +1,130 @@
+"""PreferenceData (validation, indexing, split, npz round trip) and the prompt_regions
+generator (shapes, seeding, labels consistent with the truth, the oracle accuracy)."""
+
+import numpy as np
+import pytest
+import torch
+
+from smoe_ops.reward import PreferenceData
+from smoe_ops.reward.synthetic import prompt_regions
+
+
+def make_data(num_pairs=10, context_dim=3, response_dim=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return PreferenceData(
+        torch.randn(num_pairs, context_dim, generator=gen),
+        torch.randn(num_pairs, response_dim, generator=gen),
+        torch.randn(num_pairs, response_dim, generator=gen),
+        user_ids=torch.arange(num_pairs),
+        categories=torch.arange(num_pairs) % 3,
+    )
+
+
+def test_fields_dtypes_and_defaults():
+    data = PreferenceData(torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 2),
+                          torch.zeros(4, 2))
+    assert len(data) == 4 and data.context_dim == 3 and data.response_dim == 2
+    assert data.context.dtype == torch.float32  # float64 input is stored as float32
+    assert data.user_ids.tolist() == [-1] * 4 and data.categories.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(context=torch.zeros(4)), ValueError, r"context must be 2-d.*got shape \(4,\)"),
+        (dict(chosen=torch.zeros(3, 2)), ValueError, "chosen has 3 rows, expected 4"),
+        (dict(rejected=torch.zeros(4, 5)), ValueError, "rejected has 5 features, expected 2"),
+        (dict(chosen=torch.zeros(4, 2, dtype=torch.int64)), TypeError,
+         "chosen must be floating point, got torch.int64"),
+        (dict(user_ids=torch.zeros(5, dtype=torch.int64)), ValueError,
+         r"user_ids must have shape \(4,\), got \(5,\)"),
+        (dict(categories=torch.zeros(4)), TypeError,
+         "categories must be an integer tensor, got torch.float32"),
+    ],
+)
+def test_bad_inputs_name_the_argument(kwargs, error, match):
+    args = dict(context=torch.zeros(4, 3), chosen=torch.zeros(4, 2), rejected=torch.zeros(4, 2))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        PreferenceData(**args)
+
+
+def test_indexing_and_split():
+    data = make_data(10)
+    subset = data[torch.tensor([7, 2])]
+    assert subset.user_ids.tolist() == [7, 2]
+    assert torch.equal(subset.chosen[0], data.chosen[7])
+    assert data[3].user_ids.tolist() == [3] and data[-1].user_ids.tolist() == [9]
+    assert len(data[2:5]) == 3 and len(data[[0, 1]]) == 2
+
+    first, second = data.split(0.7, seed=1)
+    assert (len(first), len(second)) == (7, 3)
+    # A partition: every pair once, the same seed the same partition, another seed another.
+    assert sorted(first.user_ids.tolist() + second.user_ids.tolist()) == list(range(10))
+    assert torch.equal(data.split(0.7, seed=1)[0].user_ids, first.user_ids)
+    assert not torch.equal(data.split(0.7, seed=2)[0].user_ids, first.user_ids)
+    with pytest.raises(ValueError, match="fraction must be in"):
+        data.split(1.5)
+
+
+def test_npz_round_trip_and_missing_keys(tmp_path):
+    data = make_data(6)
+    path = tmp_path / "pairs.npz"
+    data.save_npz(path)
+    loaded = PreferenceData.load_npz(path)
+    for name in ("context", "chosen", "rejected", "user_ids", "categories"):
+        assert torch.equal(getattr(loaded, name), getattr(data, name)), name
+
+    np.savez(tmp_path / "bad.npz", context=np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"bad.npz lacks the array\(s\) \['chosen', 'rejected'\]"):
+        PreferenceData.load_npz(tmp_path / "bad.npz")
+
+
+def test_prompt_regions_shapes_and_seeding():
+    gen = prompt_regions(300, num_clusters=4, context_dim=6, response_dim=5, seed=3)
+    assert len(gen.data) == 300 and gen.data.context_dim == 6 and gen.data.response_dim == 5
+    assert gen.true_rewards.shape == (4, 5)
+    assert torch.allclose(gen.true_rewards.norm(dim=1), torch.ones(4))
+    # conflict: cluster 1 wants the exact opposite of cluster 0.
+    assert torch.equal(gen.true_rewards[1], -gen.true_rewards[0])
+    assert set(gen.data.categories.tolist()) == {0, 1, 2, 3}
+    again = prompt_regions(300, num_clusters=4, context_dim=6, response_dim=5, seed=3)
+    assert torch.equal(again.data.chosen, gen.data.chosen)
+    other = prompt_regions(300, num_clusters=4, context_dim=6, response_dim=5, seed=4)
+    assert not torch.equal(other.data.chosen, gen.data.chosen)
+    no_conflict = prompt_regions(10, conflict=False, seed=3)
+    assert not torch.allclose(no_conflict.true_rewards[1], -no_conflict.true_rewards[0])
+
+
+def test_labels_follow_the_true_reward():
+    # Nearly deterministic labels: the chosen response has the higher true reward.
+    gen = prompt_regions(2000, temperature=1e-3, seed=0)
+    data = gen.data
+    true_margin = ((data.chosen - data.rejected) * gen.true_rewards[data.categories]).sum(1)
+    assert (true_margin > 0).float().mean() > 0.99
+    assert gen.oracle_accuracy() > 0.99
+    # All labels flipped half the time: nothing to learn, the oracle is at chance.
+    coin = prompt_regions(2000, label_noise=0.5, seed=0)
+    assert coin.oracle_accuracy() == pytest.approx(0.5)
+
+
+def test_oracle_accuracy_matches_sampled_labels():
+    # The closed form against the agreement rate of many sampled labels (same pairs).
+    gen = prompt_regions(20000, temperature=0.5, label_noise=0.1, seed=0)
+    data = gen.data
+    true_margin = ((data.chosen - data.rejected) * gen.true_rewards[data.categories]).sum(1)
+    agreement = (true_margin > 0).float().mean().item()
+    # 20000 Bernoulli draws: standard error about 0.003.
+    assert agreement == pytest.approx(gen.oracle_accuracy(), abs=0.015)
+    assert 0.6 < gen.oracle_accuracy() < 0.9
+
+
+def test_prompt_regions_bad_arguments():
+    with pytest.raises(ValueError, match="num_clusters >= 1"):
+        prompt_regions(10, num_clusters=0)
+    with pytest.raises(ValueError, match="label_noise=0.7"):
+        prompt_regions(10, label_noise=0.7)
+    gen = prompt_regions(10, seed=0)
+    with pytest.raises(ValueError, match="categories must hold the true cluster"):
+        gen.oracle_accuracy(PreferenceData(gen.data.context, gen.data.chosen,
+                                           gen.data.rejected))
