@@ -1,7 +1,8 @@
 """The sparse MoE reward model: learn several preference experts from binary pairs.
 
-    from smoe_ops.reward import PreferenceData, SparseMoERewardModel
+    from smoe_ops.reward import PreferenceData, SparseMoERewardModel, train
     model = SparseMoERewardModel(context_dim, response_dim, num_experts=8, k=2)
+    history = train(model, data, val_data)
     model.reward(context, response)   # [B] population reward
 
 See DESIGN.md section 3. This package builds on the smoe_ops ops, never the reverse.
@@ -18,9 +19,10 @@ from smoe_ops.reward.losses import (
     reward_mixture_bt_loss,
 )
 from smoe_ops.reward.model import SparseMoERewardModel, dense, single_head
+from smoe_ops.reward.train import evaluate, load, save, train
 
 __all__ = [
     "PreferenceData", "Regularizers", "SparseMoERewardModel", "dense", "diversity_loss",
-    "mixture_bt_loss", "pair_accuracy", "preference_probability",
-    "reward_mixture_bt_loss", "single_head", "synthetic",
+    "evaluate", "load", "mixture_bt_loss", "pair_accuracy", "preference_probability",
+    "reward_mixture_bt_loss", "save", "single_head", "synthetic", "train",
 ]  # fmt: skip
