@@ -11,8 +11,6 @@ import safetensors.torch
 import torch
 
 from smoe_ops.reward import (
-    PreferenceData,
-    Regularizers,
     SparseMoERewardModel,
     evaluate,
     load,
@@ -143,17 +141,19 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
 
 
 def test_moe_near_oracle_and_far_above_single_head():
-    # 4 clusters, one opposed pair: a single head averages the opposed pair away. With
-    # 6000 training pairs the MoE measured 2.0-2.5 points under the oracle and about 20
-    # points above the single head (seeds 0-2); the margins below leave room for noise.
-    generated = prompt_regions(8000, num_clusters=4, context_dim=64, response_dim=64, seed=0)
-    train_data, val_data = generated.data.split(0.75, seed=0)
-    oracle = generated.oracle_accuracy(val_data)
+    # 4 clusters, one opposed pair: a single head averages the opposed pair away. Early
+    # stopping picks weights on val, so accuracy is measured on a third, untouched split.
+    # Measured on seeds 0-3: MoE 0.5-2.5 points under the oracle (0.81-0.83 vs 0.83) and
+    # 19-22 points above the single head; the margins below leave room for noise.
+    generated = prompt_regions(10000, num_clusters=4, context_dim=64, response_dim=64, seed=0)
+    train_data, held_out = generated.data.split(0.7, seed=0)
+    val_data, test_data = held_out.split(1 / 3, seed=0)
+    oracle = generated.oracle_accuracy(test_data)
     moe = SparseMoERewardModel(64, 64, num_experts=8, k=2)
     train(moe, train_data, val_data, epochs=15, progress=False)
     baseline = single_head(64, 64)
     train(baseline, train_data, val_data, epochs=15, progress=False)
-    moe_accuracy, single_accuracy = evaluate(moe, val_data), evaluate(baseline, val_data)
+    moe_accuracy, single_accuracy = evaluate(moe, test_data), evaluate(baseline, test_data)
     assert moe_accuracy >= oracle - 0.05, (moe_accuracy, oracle)
     assert moe_accuracy >= single_accuracy + 0.10, (moe_accuracy, single_accuracy)
     assert moe_accuracy <= oracle + 0.02  # above the Bayes rate: a broken metric

@@ -73,7 +73,7 @@ def diversity_loss(heads: torch.Tensor) -> torch.Tensor:
     return cosines[off_diagonal].square().mean()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Regularizers:
     """Weights of the regularizers; 0 switches a term off.
 
