@@ -3,6 +3,7 @@ generator (shapes, seeding, labels consistent with the truth, the oracle accurac
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from smoe_ops.reward import PreferenceData
@@ -67,17 +68,30 @@ def test_indexing_and_split():
         data.split(1.5)
 
 
-def test_npz_round_trip_and_missing_keys(tmp_path):
+@pytest.mark.parametrize("suffix", ["npz", "safetensors"])
+def test_file_round_trip_and_missing_keys(tmp_path, suffix):
     data = make_data(6)
-    path = tmp_path / "pairs.npz"
-    data.save_npz(path)
-    loaded = PreferenceData.load_npz(path)
+    path = tmp_path / f"pairs.{suffix}"
+    getattr(data, f"save_{suffix}")(path)
+    loaded = getattr(PreferenceData, f"load_{suffix}")(path)
     for name in ("context", "chosen", "rejected", "user_ids", "categories"):
         assert torch.equal(getattr(loaded, name), getattr(data, name)), name
 
-    np.savez(tmp_path / "bad.npz", context=np.zeros((2, 3), np.float32))
-    with pytest.raises(ValueError, match=r"bad.npz lacks the array\(s\) \['chosen', 'rejected'\]"):
-        PreferenceData.load_npz(tmp_path / "bad.npz")
+    bad = tmp_path / f"bad.{suffix}"
+    if suffix == "npz":
+        np.savez(bad, context=np.zeros((2, 3), np.float32))
+    else:
+        safetensors.torch.save_file({"context": torch.zeros(2, 3)}, bad)
+    expected = rf"bad.{suffix} lacks the array\(s\) \['chosen', 'rejected'\]"
+    with pytest.raises(ValueError, match=expected):
+        getattr(PreferenceData, f"load_{suffix}")(bad)
+
+
+def test_unreadable_safetensors_file(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\x00" * 5)
+    with pytest.raises(ValueError, match="broken.safetensors is not a readable safetensors"):
+        PreferenceData.load_safetensors(path)
 
 
 def test_prompt_regions_shapes_and_seeding():

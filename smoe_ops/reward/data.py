@@ -3,11 +3,13 @@
 from typing import Optional, Union
 
 import numpy as np
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 __all__ = ["PreferenceData"]
 
-_NPZ_REQUIRED = ("context", "chosen", "rejected")
+_REQUIRED = ("context", "chosen", "rejected")
 
 
 def _features(name: str, value, expected_rows: Optional[int]) -> torch.Tensor:
@@ -109,31 +111,48 @@ class PreferenceData:
 
     def save_npz(self, path) -> None:
         """Write the five arrays to `path` with numpy.savez (uncompressed)."""
-        np.savez(
-            path,
-            context=self.context.numpy(),
-            chosen=self.chosen.numpy(),
-            rejected=self.rejected.numpy(),
-            user_ids=self.user_ids.numpy(),
-            categories=self.categories.numpy(),
-        )
+        np.savez(path, **{name: tensor.numpy() for name, tensor in self._arrays().items()})
 
     @classmethod
     def load_npz(cls, path) -> "PreferenceData":
         """Read a file written by `save_npz` (user_ids and categories may be absent)."""
         with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in _NPZ_REQUIRED if key not in archive.files]
-            if missing:
-                raise ValueError(
-                    f"PreferenceData.load_npz: {path} lacks the array(s) {missing}; "
-                    f"expected {list(_NPZ_REQUIRED)} (and optionally user_ids, categories), "
-                    f"found {archive.files}"
-                )
+            _check_keys("load_npz", path, archive.files)
             arrays = {key: torch.from_numpy(archive[key]) for key in archive.files}
-        return cls(
-            arrays["context"],
-            arrays["chosen"],
-            arrays["rejected"],
-            arrays.get("user_ids"),
-            arrays.get("categories"),
+        return cls._from_arrays(arrays)
+
+    def save_safetensors(self, path) -> None:
+        """Write the five tensors to `path` as one safetensors file."""
+        safetensors.torch.save_file(self._arrays(), path)
+
+    @classmethod
+    def load_safetensors(cls, path) -> "PreferenceData":
+        """Read a safetensors file with tensors context, chosen, rejected (and optionally
+        user_ids, categories), as `save_safetensors` writes."""
+        try:
+            tensors = safetensors.torch.load_file(path)
+        except SafetensorError as error:
+            raise ValueError(
+                f"PreferenceData.load_safetensors: {path} is not a readable safetensors "
+                f"file: {error}"
+            ) from None
+        _check_keys("load_safetensors", path, list(tensors))
+        return cls._from_arrays(tensors)
+
+    def _arrays(self) -> dict:
+        return dict(context=self.context, chosen=self.chosen, rejected=self.rejected,
+                    user_ids=self.user_ids, categories=self.categories)
+
+    @classmethod
+    def _from_arrays(cls, arrays: dict) -> "PreferenceData":
+        return cls(arrays["context"], arrays["chosen"], arrays["rejected"],
+                   arrays.get("user_ids"), arrays.get("categories"))
+
+
+def _check_keys(loader: str, path, found) -> None:
+    missing = [key for key in _REQUIRED if key not in found]
+    if missing:
+        raise ValueError(
+            f"PreferenceData.{loader}: {path} lacks the array(s) {missing}; expected "
+            f"{list(_REQUIRED)} (and optionally user_ids, categories), found {sorted(found)}"
         )
