@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from smoe_ops.reward import PreferenceData, SparseMoERewardModel, routing_report, train
-from smoe_ops.reward.report import adjusted_rand_index, normalized_mutual_information
+from smoe_ops.reward.report import (
+    adjusted_rand_index,
+    matched_cosine,
+    normalized_mutual_information,
+)
 from smoe_ops.reward.synthetic import prompt_regions
 
 
@@ -90,3 +94,16 @@ def test_report_of_a_trained_model():
     # 4 experts for 4 well-separated clusters: routing recovers them (measured NMI ~1).
     assert report.nmi > 0.8 and report.dead_experts == []
     assert (report.own_accuracy > report.other_accuracy + 0.1).all()
+
+
+def test_matched_cosine_finds_the_best_one_to_one_matching():
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # The best total pairs target 0 with head 1 (cos 0.99) and target 1 with head 0 (0.8);
+    # matching target 0 in order of the heads (head 0, cos 0.6) leaves target 1 only 0.6.
+    heads = torch.tensor([[0.6, 0.8], [0.99, -0.141], [-0.8, 0.6]])
+    cosines = torch.nn.functional.normalize(heads, dim=1)
+    expected = (cosines[1, 0] + cosines[0, 1]).item() / 2
+    assert matched_cosine(heads, targets) == pytest.approx(expected)
+    assert matched_cosine(5 * targets, targets) == pytest.approx(1.0)  # scale-free
+    with pytest.raises(ValueError, match="need C <= K"):
+        matched_cosine(targets[:1], targets)

@@ -15,8 +15,8 @@ import smoe_ops
 from smoe_ops.reward.data import PreferenceData
 from smoe_ops.reward.model import SparseMoERewardModel
 
-__all__ = ["RoutingReport", "adjusted_rand_index", "normalized_mutual_information",
-           "routing_report"]
+__all__ = ["RoutingReport", "adjusted_rand_index", "matched_cosine",
+           "normalized_mutual_information", "routing_report"]
 
 
 @dataclass
@@ -101,6 +101,35 @@ def adjusted_rand_index(labels_a: torch.Tensor, labels_b: torch.Tensor) -> float
     expected = rows * columns / total if total else 0.0
     best = (rows + columns) / 2
     return 1.0 if best == expected else (together - expected) / (best - expected)
+
+
+def matched_cosine(heads: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean cosine between each of C target vectors ([C, D]) and a distinct head of
+    [K, D] (K >= C), under the one-to-one matching that maximizes it (exact: dynamic
+    programming over the subsets of matched targets, so C is limited to 16)."""
+    num_targets, num_heads = targets.shape[0], heads.shape[0]
+    if num_targets > num_heads or num_targets > 16:
+        raise ValueError(
+            f"matched_cosine: need C <= K and C <= 16 targets, got C={num_targets}, "
+            f"K={num_heads}"
+        )
+    unit_heads = heads.double() / heads.double().norm(dim=1, keepdim=True).clamp_min(1e-30)
+    unit_targets = targets.double() / targets.double().norm(dim=1, keepdim=True)
+    cosines = (unit_targets @ unit_heads.T).tolist()  # [C, K]
+    # best[mask]: the largest sum of cosines with the targets in mask matched to distinct
+    # heads among those seen so far.
+    best = [-math.inf] * (1 << num_targets)
+    best[0] = 0.0
+    for head in range(num_heads):
+        for mask in range((1 << num_targets) - 1, -1, -1):
+            if best[mask] == -math.inf:
+                continue
+            for target in range(num_targets):
+                if not mask >> target & 1:
+                    grown = mask | 1 << target
+                    candidate = best[mask] + cosines[target][head]
+                    best[grown] = max(best[grown], candidate)
+    return best[-1] / num_targets if num_targets else float("nan")
 
 
 def _mean_abs_off_diagonal(matrix: torch.Tensor) -> float:
