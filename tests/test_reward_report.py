@@ -6,7 +6,13 @@ import math
 import pytest
 import torch
 
-from smoe_ops.reward import PreferenceData, SparseMoERewardModel, routing_report, train
+from smoe_ops.reward import (
+    PreferenceData,
+    SparseMoERewardModel,
+    routing_report,
+    single_head,
+    train,
+)
 from smoe_ops.reward.report import (
     adjusted_rand_index,
     matched_cosine,
@@ -84,6 +90,15 @@ def test_report_weights_sum_to_one_and_no_categories():
     assert bare.nmi is None and bare.specialization is None and bare.categories == []
     with pytest.raises(ValueError, match="data has no pairs"):
         routing_report(model, data[0:0])
+
+
+def test_report_of_the_single_head():
+    # K = 1: no expert pairs, so no cosine or correlation between experts.
+    _model, data = hand_built(k=1)
+    report = routing_report(single_head(3, 4), data)
+    assert report.load.tolist() == [1.0] and report.dead_experts == []
+    assert report.head_cosine == 0.0 and report.margin_correlation == 0.0
+    assert report.nmi == pytest.approx(0.0)  # one expert says nothing about the category
 
 
 def test_report_of_a_trained_model():

@@ -160,8 +160,12 @@ def routing_report(model: SparseMoERewardModel, data: PreferenceData) -> Routing
     margins = (data.chosen - data.rejected).double() @ heads.T  # [P, K]
     unit = heads / heads.norm(dim=1, keepdim=True).clamp_min(1e-30)
     head_cosine = _mean_abs_off_diagonal(unit @ unit.T)
-    margin_correlation = (_mean_abs_off_diagonal(torch.corrcoef(margins.T))
-                          if len(data) > 1 else float("nan"))
+    if num_experts < 2:
+        margin_correlation = 0.0
+    elif len(data) < 2:
+        margin_correlation = float("nan")
+    else:
+        margin_correlation = _mean_abs_off_diagonal(torch.corrcoef(margins.T))
 
     report = RoutingReport(
         load=load, mean_weight=dense_weights.mean(0), entropy=float(losses.entropy),
