@@ -7,7 +7,7 @@ import safetensors.torch
 import torch
 
 from smoe_ops.reward import PreferenceData
-from smoe_ops.reward.synthetic import prompt_regions
+from smoe_ops.reward.synthetic import prompt_regions, user_types
 
 
 def make_data(num_pairs=10, context_dim=3, response_dim=5, seed=0):
@@ -140,5 +140,52 @@ def test_prompt_regions_bad_arguments():
         prompt_regions(10, label_noise=0.7)
     gen = prompt_regions(10, seed=0)
     with pytest.raises(ValueError, match="categories must hold the true cluster"):
+        gen.oracle_accuracy(PreferenceData(gen.data.context, gen.data.chosen,
+                                           gen.data.rejected))
+
+
+def test_user_types_structure():
+    gen = user_types(12, 30, num_types=4, context_dim=6, response_dim=5, seed=1)
+    data = gen.data
+    assert len(data) == 360 and gen.true_rewards.shape == (4, 5)
+    # Pairs grouped by user; every pair's category is its user's type.
+    assert data.user_ids.tolist() == [u for u in range(12) for _ in range(30)]
+    assert torch.equal(data.categories, gen.user_types[data.user_ids])
+    # Pure types: each user's reward vector is exactly its type's.
+    assert torch.equal(gen.user_mixtures.sum(1), torch.ones(12))
+    assert torch.equal(gen.user_rewards, gen.true_rewards[gen.user_types])
+    assert torch.equal(gen.true_rewards[1], -gen.true_rewards[0])
+
+    mixed = user_types(50, 2, num_types=4, types_per_user=2, seed=1)
+    assert ((mixed.user_mixtures > 0).sum(1) == 2).all()
+    torch.testing.assert_close(mixed.user_mixtures.sum(1), torch.ones(50))
+    torch.testing.assert_close(mixed.user_rewards, mixed.user_mixtures @ mixed.true_rewards)
+    again = user_types(50, 2, num_types=4, types_per_user=2, seed=1)
+    assert torch.equal(again.data.chosen, mixed.data.chosen)
+
+
+def test_user_types_labels_and_oracle():
+    gen = user_types(40, 100, temperature=1e-3, seed=0)
+    data = gen.data
+    true_margin = ((data.chosen - data.rejected) * gen.user_rewards[data.user_ids]).sum(1)
+    assert (true_margin > 0).float().mean() > 0.99 and gen.oracle_accuracy() > 0.99
+    # Same prompt distribution for every type: the context says nothing about the type.
+    by_type = [data.context[data.categories == t].mean(0) for t in range(4)]
+    assert max(float(mean.abs().max()) for mean in by_type) < 0.25
+    noisy = user_types(40, 100, temperature=0.5, label_noise=0.1, seed=0)
+    margin = ((noisy.data.chosen - noisy.data.rejected)
+              * noisy.user_rewards[noisy.data.user_ids]).sum(1)
+    # 4000 Bernoulli draws: standard error about 0.007.
+    assert (margin > 0).float().mean().item() == pytest.approx(noisy.oracle_accuracy(),
+                                                               abs=0.03)
+
+
+def test_user_types_bad_arguments():
+    with pytest.raises(ValueError, match=r"types_per_user must be in \[1, num_types=4\], got 5"):
+        user_types(3, 2, types_per_user=5)
+    with pytest.raises(ValueError, match="user_types: need temperature > 0"):
+        user_types(3, 2, temperature=0.0)
+    gen = user_types(3, 2, seed=0)
+    with pytest.raises(ValueError, match="user_ids must hold the user of every pair"):
         gen.oracle_accuracy(PreferenceData(gen.data.context, gen.data.chosen,
                                            gen.data.rejected))
