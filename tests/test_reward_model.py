@@ -18,6 +18,7 @@ from smoe_ops.reward import (
     pair_accuracy,
     reward_mixture_bt_loss,
     single_head,
+    user_mixture_bt_loss,
 )
 from smoe_ops.reward.losses import regularization
 
@@ -202,3 +203,36 @@ def test_regularization_terms_and_switches():
     with pytest.raises(ValueError, match="sparsity must be >= 0, got -1"):
         Regularizers(sparsity=-1)
     assert math.isclose(Regularizers().balance, 0.1)
+
+
+def test_user_mixture_loss_against_float64_formula():
+    # 3 users; user 1 has no pairs and adds nothing; user 2 has many pairs, whose
+    # product of sigmoids underflows float32 (the log-domain form must not).
+    gen = torch.Generator().manual_seed(0)
+    user_weights = torch.softmax(torch.randn(3, 2, generator=gen, dtype=torch.float64), 1)
+    pair_users = torch.tensor([0, 0, 0] + [2] * 200)
+    margins = torch.randn(203, 2, generator=gen, dtype=torch.float64) * 3 - 1
+    expected = 0.0
+    for user in (0, 2):
+        mine = margins[pair_users == user]
+        product = torch.sigmoid(mine).prod(0)  # float64 holds what float32 cannot
+        expected -= torch.log((user_weights[user] * product).sum())
+    expected /= 203
+    loss = user_mixture_bt_loss(user_weights, margins, pair_users)
+    torch.testing.assert_close(loss, expected)
+    loss32 = user_mixture_bt_loss(user_weights.float(), margins.float(), pair_users)
+    assert torch.isfinite(loss32) and float(loss32) == pytest.approx(float(expected), rel=1e-5)
+    # One pair per user: the user-level loss is the pairwise mixture loss.
+    single = torch.arange(3)
+    torch.testing.assert_close(user_mixture_bt_loss(user_weights, margins[:3], single),
+                               mixture_bt_loss(user_weights, margins[:3]))
+
+
+def test_user_mixture_loss_gradcheck():
+    gen = torch.Generator().manual_seed(1)
+    user_weights = torch.softmax(torch.randn(3, 2, generator=gen, dtype=torch.float64), 1)
+    margins = torch.randn(7, 2, generator=gen, dtype=torch.float64)
+    pair_users = torch.tensor([0, 2, 0, 2, 2, 0, 0])
+    user_weights.requires_grad_(), margins.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda w, m: user_mixture_bt_loss(w, m, pair_users), (user_weights, margins))

@@ -18,6 +18,7 @@ from smoe_ops.reward.losses import (
     pair_accuracy,
     preference_probability,
     reward_mixture_bt_loss,
+    user_mixture_bt_loss,
 )
 from smoe_ops.reward.model import SparseMoERewardModel, dense, single_head
 from smoe_ops.reward.report import RoutingReport, routing_report
@@ -27,5 +28,5 @@ __all__ = [
     "PreferenceData", "Regularizers", "RoutingReport", "SparseMoERewardModel", "dense",
     "diversity_loss", "evaluate", "load", "mixture_bt_loss", "pair_accuracy",
     "preference_probability", "reward_mixture_bt_loss", "routing_report", "save",
-    "single_head", "synthetic", "train",
+    "single_head", "synthetic", "train", "user_mixture_bt_loss",
 ]  # fmt: skip

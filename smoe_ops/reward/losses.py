@@ -16,20 +16,20 @@ from smoe_ops.reference.routing import RouteResult
 __all__ = [
     "Regularizers", "diversity_loss", "mixture_bt_loss", "pair_accuracy",
     "preference_probability", "regularization", "reward_mixture_bt_loss",
+    "user_mixture_bt_loss",
 ]  # fmt: skip
 
 OBJECTIVES = ("mixture", "reward_mixture")
 
 
-def mixture_bt_loss(weights: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
-    """Mixture Bradley-Terry: mean over pairs of -log sum_j g_j sigmoid(m_j).
+def _negative_log_mixture(weights: torch.Tensor, log_agree: torch.Tensor) -> torch.Tensor:
+    """[R] -log sum_j g_j exp(a_j) per row of [R, k] weights and log-probabilities a.
 
-    Computed as -(a* + log sum_j g_j exp(a_j - a*)) with a_j = logsigmoid(m_j) and a* the
-    largest a_j among experts with g_j > 0: no term overflows, the sum is at least the g of
-    that expert, and a zero weight gives a zero term and finite gradients (log g would not).
-    NaN when every weight of a pair is 0 (route never produces that for finite logits).
+    Computed as -(a* + log sum_j g_j exp(a_j - a*)) with a* the largest a_j among experts
+    with g_j > 0: no term overflows, the sum is at least the g of that expert, and a zero
+    weight gives a zero term and finite gradients (log g would not). NaN when every weight
+    of a row is 0 (route never produces that for finite logits).
     """
-    log_agree = F.logsigmoid(margins)
     usable = torch.where(weights > 0, log_agree, torch.full_like(log_agree, -math.inf))
     # a* is a constant shift: any value gives the same loss, so it carries no gradient.
     shift = usable.amax(dim=1, keepdim=True).detach()
@@ -37,7 +37,37 @@ def mixture_bt_loss(weights: torch.Tensor, margins: torch.Tensor) -> torch.Tenso
     # Zero-weight terms use -inf, not their own log_agree, which could lie far above a* and
     # overflow exp (0 * inf = NaN); they get no gradient, as softmax gives them none either.
     mixture = (weights * torch.exp(usable - shift)).sum(1)
-    return -(shift.squeeze(1) + torch.log(mixture)).mean()
+    return -(shift.squeeze(1) + torch.log(mixture))
+
+
+def mixture_bt_loss(weights: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+    """Mixture Bradley-Terry: mean over pairs of -log sum_j g_j sigmoid(m_j), computed
+    stably in the log domain (zero weights and margins of any size are fine)."""
+    return _negative_log_mixture(weights, F.logsigmoid(margins)).mean()
+
+
+def user_mixture_bt_loss(user_weights: torch.Tensor, margins: torch.Tensor,
+                         pair_users: torch.Tensor) -> torch.Tensor:
+    """User-level mixture Bradley-Terry: all the pairs of one user share its routing.
+
+    -(1/P) sum_u log sum_j g_j(u) prod_{i of u} sigmoid(m_ij), computed in the log domain
+    (a user's product of many sigmoids underflows long before its log does).
+
+    Args:
+        user_weights: [U, k] routing weights of each user over its k experts.
+        margins: [P, k] margins of each pair under the k experts of its user (column j is
+            the expert of user_weights[:, j]).
+        pair_users: [P] int64 row of user_weights each pair belongs to, in [0, U).
+    Users without pairs add nothing.
+    """
+    if margins.shape[0] == 0:
+        return margins.sum() * 0.0
+    log_agree = torch.zeros_like(user_weights, dtype=margins.dtype)
+    log_agree = log_agree.index_add(0, pair_users, F.logsigmoid(margins))
+    present = torch.zeros(user_weights.shape[0], dtype=torch.bool, device=margins.device)
+    present[pair_users] = True
+    per_user = _negative_log_mixture(user_weights[present], log_agree[present])
+    return per_user.sum() / margins.shape[0]
 
 
 def reward_mixture_bt_loss(weights: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
