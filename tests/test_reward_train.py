@@ -11,6 +11,8 @@ import safetensors.torch
 import torch
 
 from smoe_ops.reward import (
+    PreferenceData,
+    Regularizers,
     SparseMoERewardModel,
     evaluate,
     load,
@@ -18,7 +20,9 @@ from smoe_ops.reward import (
     single_head,
     train,
 )
-from smoe_ops.reward.synthetic import prompt_regions
+from smoe_ops.reward.report import normalized_mutual_information
+from smoe_ops.reward.synthetic import prompt_regions, user_types
+from smoe_ops.reward.train import _user_batches
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +161,59 @@ def test_moe_near_oracle_and_far_above_single_head():
     assert moe_accuracy >= oracle - 0.05, (moe_accuracy, oracle)
     assert moe_accuracy >= single_accuracy + 0.10, (moe_accuracy, single_accuracy)
     assert moe_accuracy <= oracle + 0.02  # above the Bayes rate: a broken metric
+
+
+def test_user_batches_hold_whole_users():
+    generated = user_types(30, 7, num_types=3, context_dim=4, response_dim=3, seed=0)
+    data = generated.data[torch.randperm(210, generator=torch.Generator().manual_seed(0))]
+    batches = _user_batches(data, 50, torch.Generator().manual_seed(1))
+    assert sorted(torch.cat(batches).tolist()) == list(range(210))  # every pair once
+    seen = set()
+    for index in batches:
+        users = set(data.user_ids[index].tolist())
+        assert not users & seen  # no user split across batches
+        seen |= users
+        assert 50 <= len(index) < 57 or index is batches[-1]  # whole users of 7 pairs
+
+
+def test_user_mixture_errors_and_determinism():
+    generated = user_types(20, 10, num_types=2, context_dim=4, response_dim=3, seed=0)
+    with pytest.raises(ValueError, match="built without num_users"):
+        train(SparseMoERewardModel(4, 3, 2, 2), generated.data, objective="user_mixture",
+              progress=False)
+    first = generated.data[0:5]
+    unknown = PreferenceData(first.context, first.chosen, first.rejected,
+                             user_ids=torch.tensor([-1, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match="needs the user id of every pair"):
+        train(SparseMoERewardModel(4, 3, 2, 2, num_users=20), unknown,
+              objective="user_mixture", progress=False)
+    with pytest.raises(ValueError, match=r"user ids must be in \[0, 10\), got \[0, 19\]"):
+        train(SparseMoERewardModel(4, 3, 2, 2, num_users=10), generated.data,
+              objective="user_mixture", progress=False)
+    weights = []
+    for _ in range(2):
+        model = SparseMoERewardModel(4, 3, 2, 2, num_users=20)
+        train(model, generated.data, epochs=2, batch_size=40, objective="user_mixture",
+              progress=False)
+        weights.append(model.user_logits.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_user_level_mixture_recovers_types():
+    # Every type sees the same prompts, so only the user id separates them. 4 experts for
+    # 4 types, k = 2 (k = 1 gives the user logits no gradient), regularizers off. Measured
+    # on seeds 0-2: validation accuracy 0.6-2.6 points under the oracle (single head: 23
+    # points under), NMI of user -> top expert against the type 0.89-0.91.
+    generated = user_types(300, 20, num_types=4, seed=0)
+    train_data, val_data = generated.data.split(0.8, seed=0)
+    model = SparseMoERewardModel(64, 64, num_experts=4, k=2, num_users=300)
+    train(model, train_data, val_data, epochs=40, lr=0.05, objective="user_mixture",
+          regularizers=Regularizers(sparsity=0.0, balance=0.0, diversity=0.0), patience=10,
+          progress=False)
+    accuracy = evaluate(model, val_data, "user_mixture")
+    assert accuracy >= generated.oracle_accuracy(val_data) - 0.03, accuracy
+    with torch.no_grad():
+        routing, *_ = model.user_expert_margins(torch.arange(300), val_data.chosen[:300],
+                                                val_data.rejected[:300])
+    nmi = normalized_mutual_information(routing.ids[:, 0].long(), generated.user_types)
+    assert nmi >= 0.75, nmi

@@ -86,7 +86,8 @@ class PreferenceData:
         )
 
     def __getitem__(self, index: Union[int, slice, torch.Tensor, list]) -> "PreferenceData":
-        """The pairs selected by `index` (an int, a slice, an index or bool mask tensor)."""
+        """The pairs selected by `index` (an int, a slice, an index or bool mask tensor).
+        As with tensors, an int or slice gives views that share memory with this data."""
         if isinstance(index, int):
             index = slice(index, index + 1) if index != -1 else slice(-1, None)
         if isinstance(index, list):

@@ -32,6 +32,8 @@ class SparseMoERewardModel(nn.Module):
         prior_scale: weight of the fixed random prior head added to each expert (0: none).
         score: "softmax" or "sigmoid", passed to `smoe_ops.route`.
         seed: seeds the initial weights and the prior heads (None: the global generator).
+        num_users: None, or U to give every user id in [0, U) its own learned routing
+            logits (the user-level mixture: all of a user's pairs share one routing).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class SparseMoERewardModel(nn.Module):
         prior_scale: float = 0.0,
         score: str = "softmax",
         seed: Optional[int] = 0,
+        num_users: Optional[int] = None,
     ):
         super().__init__()
         if not 1 <= k <= num_experts:
@@ -67,6 +70,7 @@ class SparseMoERewardModel(nn.Module):
             router_hidden=router_hidden,
             prior_scale=float(prior_scale),
             score=score,
+            num_users=num_users,
         )
         fork = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
         with fork:
@@ -86,6 +90,9 @@ class SparseMoERewardModel(nn.Module):
             self.expert_weight = nn.Parameter(torch.randn(num_experts, response_dim) * scale)
             self.expert_bias = nn.Parameter(torch.zeros(num_experts))
             prior = torch.randn(num_experts, response_dim) / response_dim**0.5
+            if num_users is not None:
+                # Small random logits: users start near uniform but not tied.
+                self.user_logits = nn.Parameter(0.01 * torch.randn(num_users, num_experts))
         self.register_buffer("prior_weight", prior)
 
     @property
@@ -120,6 +127,30 @@ class SparseMoERewardModel(nn.Module):
         heads = self.head_weights()[routing.ids.long()]  # [P, k, Dr]: only the routed heads
         margins = torch.einsum("pjd,pd->pj", heads, chosen - rejected)
         return routing, logits, margins
+
+    def user_expert_margins(self, pair_users: torch.Tensor, chosen: torch.Tensor,
+                            rejected: torch.Tensor):
+        """Margins for the user-level mixture: each pair uses its user's k experts.
+
+        Args: pair_users [P] int64 user ids in [0, num_users), chosen / rejected [P, Dr].
+        Returns: (RouteResult of the U distinct users, in increasing id order; their logits
+        [U, K]; margins [P, k] under the experts of routing.ids[rows]; rows [P] int64, the
+        row of each pair's user).
+        """
+        num_users = self.config["num_users"]
+        if num_users is None:
+            raise ValueError("user_expert_margins: the model was built without num_users")
+        if len(pair_users) and (pair_users.min() < 0 or pair_users.max() >= num_users):
+            raise ValueError(
+                f"user_expert_margins: user ids must be in [0, {num_users}), got "
+                f"[{int(pair_users.min())}, {int(pair_users.max())}]"
+            )
+        users, rows = torch.unique(pair_users, return_inverse=True)
+        logits = self.user_logits[users]
+        routing = smoe_ops.route(logits, self.k, score=self.config["score"])
+        heads = self.head_weights()[routing.ids.long()[rows]]  # [P, k, Dr]
+        margins = torch.einsum("pjd,pd->pj", heads, chosen - rejected)
+        return routing, logits, margins, rows
 
     def expert_rewards(self, response: torch.Tensor, routing: RouteResult) -> torch.Tensor:
         """[B, k] reward of each routed expert for the [B, Dr] responses."""

@@ -22,6 +22,7 @@ from smoe_ops.reward.losses import (
     pair_accuracy,
     regularization,
     reward_mixture_bt_loss,
+    user_mixture_bt_loss,
 )
 from smoe_ops.reward.model import SparseMoERewardModel
 
@@ -30,24 +31,56 @@ __all__ = ["evaluate", "load", "save", "train"]
 logger = logging.getLogger("smoe_ops")
 
 _LOSSES = {"mixture": mixture_bt_loss, "reward_mixture": reward_mixture_bt_loss}
+TRAIN_OBJECTIVES = OBJECTIVES + ("user_mixture",)
 _CONFIG_KEY = "smoe_ops.config"
 _FORMAT_KEY = "smoe_ops.format"
 _FORMAT = "SparseMoERewardModel/1"
 
 
+def _margins(model, batch, objective):
+    """(routing weights of each pair [P, k], margins [P, k], the loss of the batch)."""
+    if objective == "user_mixture":
+        routing, logits, margins, rows = model.user_expert_margins(
+            batch.user_ids, batch.chosen, batch.rejected)
+        loss = user_mixture_bt_loss(routing.weights, margins, rows)
+        return routing, logits, routing.weights[rows], margins, loss
+    routing, logits, margins = model.expert_margins(batch.context, batch.chosen,
+                                                    batch.rejected)
+    return routing, logits, routing.weights, margins, _LOSSES[objective](routing.weights,
+                                                                         margins)
+
+
 @torch.no_grad()
 def evaluate(model: SparseMoERewardModel, data: PreferenceData, objective: str = "mixture",
              batch_size: int = 8192) -> float:
-    """Fraction of the pairs of `data` on which the model prefers the chosen response."""
+    """Fraction of the pairs of `data` on which the model prefers the chosen response
+    (with "user_mixture", each pair routed by its user's routing)."""
     if len(data) == 0:
         return float("nan")
     correct = 0
+    accuracy_rule = "mixture" if objective == "user_mixture" else objective
     for start in range(0, len(data), batch_size):
         batch = data[start:start + batch_size]
-        routing, _logits, margins = model.expert_margins(batch.context, batch.chosen,
-                                                         batch.rejected)
-        correct += pair_accuracy(routing.weights, margins, objective).sum().item()
+        _routing, _logits, weights, margins, _loss = _margins(model, batch, objective)
+        correct += pair_accuracy(weights, margins, accuracy_rule).sum().item()
     return correct / len(data)
+
+
+def _user_batches(data: PreferenceData, batch_size: int, generator) -> list:
+    """Index tensors of batches made of whole users (users in a seeded random order,
+    about batch_size pairs per batch): a user's pairs must share one routing."""
+    users, inverse = torch.unique(data.user_ids, return_inverse=True)
+    shuffled = torch.randperm(len(users), generator=generator)
+    rank = torch.empty_like(shuffled)
+    rank[shuffled] = torch.arange(len(users))
+    order = torch.argsort(rank[inverse], stable=True)
+    ends = torch.cumsum(torch.bincount(inverse, minlength=len(users))[shuffled], 0).tolist()
+    batches, start, cut = [], 0, batch_size
+    for end in ends:
+        if end >= cut or end == ends[-1]:
+            batches.append(order[start:end])
+            start, cut = end, end + batch_size
+    return batches
 
 
 def train(
@@ -75,8 +108,9 @@ def train(
     batches), train_accuracy (over the epoch's batches, as trained), val_accuracy (None
     without val_data), seconds.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"train: objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective not in TRAIN_OBJECTIVES:
+        raise ValueError(
+            f"train: objective must be one of {TRAIN_OBJECTIVES}, got {objective!r}")
     if len(data) == 0:
         raise ValueError("train: data has no pairs")
     if data.context_dim != model.config["context_dim"] or (
@@ -87,7 +121,11 @@ def train(
             f"{data.response_dim}; the model expects {model.config['context_dim']} and "
             f"{model.config['response_dim']}"
         )
-    objective_loss = _LOSSES[objective]
+    user_level = objective == "user_mixture"
+    if user_level and (data.user_ids < 0).any():
+        raise ValueError("train: objective 'user_mixture' needs the user id of every pair; "
+                         "data.user_ids has -1 (unknown)")
+    accuracy_rule = "mixture" if user_level else objective
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     history, best_accuracy, best_state, stale = [], -1.0, None, 0
@@ -95,21 +133,25 @@ def train(
     for epoch in bar:
         started = time.perf_counter()
         model.train()
-        order = torch.randperm(len(data), generator=generator)
+        if user_level:
+            batches = _user_batches(data, batch_size, generator)
+        else:
+            order = torch.randperm(len(data), generator=generator)
+            batches = [order[start:start + batch_size]
+                       for start in range(0, len(data), batch_size)]
         total_loss, correct = 0.0, 0
-        for start in range(0, len(data), batch_size):
-            batch = data[order[start:start + batch_size]]
-            routing, logits, margins = model.expert_margins(batch.context, batch.chosen,
-                                                            batch.rejected)
+        for index in batches:
+            batch = data[index]
+            routing, logits, weights, margins, loss = _margins(model, batch, objective)
             penalty, _terms = regularization(logits, routing, model.head_weights(),
                                              regularizers)
-            loss = objective_loss(routing.weights, margins) + penalty
+            loss = loss + penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += loss.item() * len(batch)
-            correct += pair_accuracy(routing.weights.detach(), margins.detach(),
-                                     objective).sum().item()
+            correct += pair_accuracy(weights.detach(), margins.detach(),
+                                     accuracy_rule).sum().item()
         model.eval()
         record = dict(
             epoch=epoch,
