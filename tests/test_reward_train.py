@@ -217,3 +217,12 @@ def test_user_level_mixture_recovers_types():
                                                 val_data.rejected[:300])
     nmi = normalized_mutual_information(routing.ids[:, 0].long(), generated.user_types)
     assert nmi >= 0.75, nmi
+
+
+def test_progress_bar_shows_loss_and_accuracy(small_problem, capsys):
+    train_data, val_data = small_problem
+    train(SparseMoERewardModel(8, 6, 4, 2), train_data, val_data, epochs=2, progress=True)
+    shown = capsys.readouterr().err
+    assert "loss=" in shown and "acc=" in shown and "val=" in shown
+    train(SparseMoERewardModel(8, 6, 4, 2), train_data, epochs=1, progress=False)
+    assert capsys.readouterr().err == ""
