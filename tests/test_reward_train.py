@@ -5,6 +5,8 @@ and the single-head Bradley-Terry baseline."""
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
@@ -226,3 +228,27 @@ def test_progress_bar_shows_loss_and_accuracy(small_problem, capsys):
     assert "loss=" in shown and "acc=" in shown and "val=" in shown
     train(SparseMoERewardModel(8, 6, 4, 2), train_data, epochs=1, progress=False)
     assert capsys.readouterr().err == ""
+
+
+_TRAIN_AND_HASH = """
+import hashlib, torch
+from smoe_ops.reward import SparseMoERewardModel, train
+from smoe_ops.reward.synthetic import prompt_regions
+torch.set_num_threads(2)
+model = SparseMoERewardModel(64, 64)
+train(model, prompt_regions(8000, seed=0).data, epochs=3, progress=False)
+print(hashlib.sha256(model.expert_weight.detach().numpy().tobytes()).hexdigest())
+"""
+
+
+def test_same_seed_same_weights_across_processes():
+    # Two threads in fresh processes: a backward that accumulates rows in thread order
+    # (table[ids]) made runs differ in the last bits; one process alone did not show it.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="2")
+    digests = [
+        subprocess.run([sys.executable, "-c", _TRAIN_AND_HASH], capture_output=True, text=True,
+                       env=env, cwd=root, check=True, timeout=120).stdout.strip()
+        for _ in range(3)
+    ]
+    assert len(set(digests)) == 1, digests

@@ -124,7 +124,7 @@ class SparseMoERewardModel(nn.Module):
         expert ids[:, j]). The biases cancel in a margin.
         """
         routing, logits = self.route(context)
-        heads = self.head_weights()[routing.ids.long()]  # [P, k, Dr]: only the routed heads
+        heads = _rows(self.head_weights(), routing.ids)  # [P, k, Dr]: only the routed heads
         margins = torch.einsum("pjd,pd->pj", heads, chosen - rejected)
         return routing, logits, margins
 
@@ -148,15 +148,15 @@ class SparseMoERewardModel(nn.Module):
         users, rows = torch.unique(pair_users, return_inverse=True)
         logits = self.user_logits[users]
         routing = smoe_ops.route(logits, self.k, score=self.config["score"])
-        heads = self.head_weights()[routing.ids.long()[rows]]  # [P, k, Dr]
+        heads = _rows(self.head_weights(), routing.ids[rows])  # [P, k, Dr]
         margins = torch.einsum("pjd,pd->pj", heads, chosen - rejected)
         return routing, logits, margins, rows
 
     def expert_rewards(self, response: torch.Tensor, routing: RouteResult) -> torch.Tensor:
         """[B, k] reward of each routed expert for the [B, Dr] responses."""
-        ids = routing.ids.long()
-        heads = self.head_weights()[ids]
-        return torch.einsum("bjd,bd->bj", heads, response) + self.expert_bias[ids]
+        heads = _rows(self.head_weights(), routing.ids)
+        return (torch.einsum("bjd,bd->bj", heads, response)
+                + _rows(self.expert_bias[:, None], routing.ids)[..., 0])
 
     def reward(self, context: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
         """[B] population reward sum_j g_j r_{ids_j}(response) for [B, Dc] contexts and
@@ -171,6 +171,14 @@ class SparseMoERewardModel(nn.Module):
 
     def forward(self, context: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
         return self.reward(context, response)
+
+
+def _rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """table[ids] for [K, D] table and [P, k] ids -> [P, k, D]. index_select, because the
+    backward of table[ids] (index_put_ with accumulate) adds rows in a thread-dependent
+    order on the CPU, so two identical trainings could differ in the last bits; the
+    backward of index_select (index_add_) does not."""
+    return table.index_select(0, ids.reshape(-1)).view(*ids.shape, table.shape[1])
 
 
 def single_head(context_dim: int, response_dim: int, **kwargs) -> SparseMoERewardModel:
