@@ -38,7 +38,8 @@ _FORMAT = "SparseMoERewardModel/1"
 
 
 def _margins(model, batch, objective):
-    """(routing weights of each pair [P, k], margins [P, k], the loss of the batch)."""
+    """(RouteResult, router logits, routing weights of each pair [P, k], margins [P, k],
+    the objective's loss on the batch)."""
     if objective == "user_mixture":
         routing, logits, margins, rows = model.user_expert_margins(
             batch.user_ids, batch.chosen, batch.rejected)
@@ -103,6 +104,9 @@ def train(
     `seed`, so the same seed, model initialization and data give the same weights. With
     `val_data`, training stops after `patience` epochs without a better validation
     accuracy (None: never) and the weights of the best epoch are restored.
+
+    objective: "mixture" (mixture BT, the default), "reward_mixture", or "user_mixture"
+    (every pair needs a user id; the model needs num_users; batches hold whole users).
 
     Returns: one dict per epoch: epoch, loss (mean objective + regularizers over the
     batches), train_accuracy (over the epoch's batches, as trained), val_accuracy (None
