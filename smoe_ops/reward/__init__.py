@@ -1,0 +1,32 @@
+"""The sparse MoE reward model: learn several preference experts from binary pairs.
+
+    from smoe_ops.reward import PreferenceData, SparseMoERewardModel, train
+    model = SparseMoERewardModel(context_dim, response_dim, num_experts=8, k=2)
+    history = train(model, data, val_data)
+    model.reward(context, response)   # [B] population reward
+    report = routing_report(model, data)   # load, entropy, specialization, diversity
+
+See DESIGN.md section 3. This package builds on the smoe_ops ops, never the reverse.
+"""
+
+from smoe_ops.reward import synthetic
+from smoe_ops.reward.data import PreferenceData
+from smoe_ops.reward.losses import (
+    Regularizers,
+    diversity_loss,
+    mixture_bt_loss,
+    pair_accuracy,
+    preference_probability,
+    reward_mixture_bt_loss,
+    user_mixture_bt_loss,
+)
+from smoe_ops.reward.model import SparseMoERewardModel, dense, single_head
+from smoe_ops.reward.report import RoutingReport, routing_report
+from smoe_ops.reward.train import evaluate, load, save, train
+
+__all__ = [
+    "PreferenceData", "Regularizers", "RoutingReport", "SparseMoERewardModel", "dense",
+    "diversity_loss", "evaluate", "load", "mixture_bt_loss", "pair_accuracy",
+    "preference_probability", "reward_mixture_bt_loss", "routing_report", "save",
+    "single_head", "synthetic", "train", "user_mixture_bt_loss",
+]  # fmt: skip
