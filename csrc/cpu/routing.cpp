@@ -494,32 +494,36 @@ void select_grouped(const T* key, const RouteConfig& c, RouteScratch<T>& w, int3
   }
 }
 
-// The float32 fast path. Softmax and sigmoid are increasing, so with no bias and no groups
-// the k best scores belong to the k best logits: select on the logits, and score only the k
-// chosen experts. Renormalized softmax then needs k exponentials instead of E:
-// w_j = exp(x_j - x_top) / sum_i exp(x_i - x_top). Ranking the logits is also the order of
-// the exact scores, where float32 scores can round distinct logits to a tie.
-// Returns false, having written nothing, for the rows it does not cover: softmax without
-// renormalize (its denominator needs every exponential), and rows with a NaN or an infinity
-// (softmax turns such a row all NaN, which ranks differently).
+// weights[j] holds the score p_j of the j-th chosen expert; renormalize (if asked) and scale.
+// The clamp keeps an all-underflow sigmoid row at 0 instead of 0 / 0; NaN passes through.
+template <typename T>
+void finish_weights(const RouteConfig& c, T* weights) {
+  T total = 0;
+  for (int64_t j = 0; j < c.k; ++j) total += weights[j];
+  const T tiny = std::numeric_limits<T>::min();
+  const T factor = c.renormalize ? T(c.scale) / (total < tiny ? tiny : total) : T(c.scale);
+  for (int64_t j = 0; j < c.k; ++j) weights[j] *= factor;
+}
+
+// The float32 fast path, for rows with no bias and no groups, scored by sigmoid or by a
+// renormalized softmax (softmax without renormalize needs every exponential for its
+// denominator). Softmax and sigmoid are increasing, so the k best scores belong to the k
+// best logits: select on the logits and score only the k chosen experts; renormalized
+// softmax then needs k exponentials instead of E, w_j = exp(x_j - x_top) / sum_i (...),
+// whose common factor exp(x_top - lse) cancels. Ranking the logits is also the order of the
+// exact scores, where float32 scores can round distinct logits to a tie.
+// Returns false, having written nothing, for a row with a NaN or an infinity (softmax turns
+// such a row all NaN, which ranks differently).
 bool route_row_on_logits(const float* x, const RouteConfig& c, TopK& topk, float* weights,
                          int32_t* ids) {
-  if (!c.sigmoid && !c.renormalize) return false;
   if (!std::isfinite(row_sum_f32(x, c.num_experts))) return false;
   topk.select(x, c.num_experts, c.k, ids);
-
   const float top = x[ids[0]];
-  float total = 0;
   for (int64_t j = 0; j < c.k; ++j) {
     const float v = x[ids[j]];
     weights[j] = c.sigmoid ? 1.0f / (1.0f + fast_expf(-v)) : fast_expf(v - top);
-    total += weights[j];
   }
-  // Renormalized sigmoid keeps the clamp of the general path; softmax has total >= 1.
-  const float tiny = std::numeric_limits<float>::min();
-  const float factor = static_cast<float>(c.scale) /
-                       (c.renormalize ? (total < tiny ? tiny : total) : 1.0f);
-  for (int64_t j = 0; j < c.k; ++j) weights[j] *= factor;
+  finish_weights(c, weights);
   return true;
 }
 
@@ -527,9 +531,8 @@ template <typename T>
 void route_row(const T* x, const T* bias, const RouteConfig& c, RouteScratch<T>& w, T* weights,
                int32_t* ids) {
   if constexpr (std::is_same_v<T, float>) {
-    if (bias == nullptr && c.num_groups == 1 && route_row_on_logits(x, c, w.topk, weights, ids)) {
-      return;
-    }
+    const bool on_logits = bias == nullptr && c.num_groups == 1 && (c.sigmoid || c.renormalize);
+    if (on_logits && route_row_on_logits(x, c, w.topk, weights, ids)) return;
   }
   T* s = w.s.data();
   scores(x, s, c.num_experts, c.sigmoid);
@@ -543,13 +546,8 @@ void route_row(const T* x, const T* bias, const RouteConfig& c, RouteScratch<T>&
   } else {
     select_grouped(key, c, w, ids);
   }
-
-  T total = 0;
-  for (int64_t j = 0; j < c.k; ++j) total += s[ids[j]];
-  // The clamp keeps an all-underflow sigmoid row at 0 instead of 0 / 0; NaN passes through.
-  const T tiny = std::numeric_limits<T>::min();
-  const T factor = c.renormalize ? T(c.scale) / (total < tiny ? tiny : total) : T(c.scale);
-  for (int64_t j = 0; j < c.k; ++j) weights[j] = s[ids[j]] * factor;
+  for (int64_t j = 0; j < c.k; ++j) weights[j] = s[ids[j]];
+  finish_weights(c, weights);
 }
 
 // Rows per parallel task: enough work per task to amortize scheduling (~16k elements).
