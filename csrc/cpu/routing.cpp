@@ -34,9 +34,9 @@
 // with no bias and no groups (sigmoid, or renormalized softmax) skip the scores: both are
 // increasing, so selection runs on the logits and only the k chosen experts are scored.
 // The compaction of the keys above the bound uses an AVX-512 compress where the CPU has it
-// (a runtime check), since the scalar loop was ~30% of route at E = 128, k = 8. float32
-// selection for k <= 16 takes a lower bound of the k-th key from 16 vector lanes of maxima,
-// compacts the few keys above it, and ranks them with branch-free vector compares; larger k
+// (a runtime check): the scalar loop was the largest cost of route
+// (benchmarks/profile_route.py). float32 selection for k <= 16 takes a lower bound of the
+// k-th key from 16 vector lanes of maxima, compacts the few keys above it, and ranks them with branch-free vector compares; larger k
 // ranks every key, and more than 256 candidates are sorted as packed integers. float64 rows
 // use a plain sort. counts come from a histogram per task, added atomically once per task.
 // router_losses splits rows into fixed chunks (a function of the shape only), each with its
@@ -289,7 +289,7 @@ float kth_bound_f32(const float* key, int64_t n, int64_t k) {
 
 // Positions i of the keys >= bound, ascending, into kept; returns how many. kept needs
 // kLanes entries of slack: whole vectors are stored. The scalar loop is store-bound (each
-// store address waits on the previous compare, ~30% of route at E = 128, k = 8); with
+// store address waits on the previous compare; see benchmarks/profile_route.py); with
 // AVX-512 a vector compare gives a 16-bit mask and a compress packs the passing positions.
 // The compress goes to a register and then to memory: compress straight to memory is
 // microcoded on some CPUs (AMD Zen 4).
