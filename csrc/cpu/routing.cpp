@@ -38,7 +38,8 @@
 // (benchmarks/profile_route.py). float32 selection for k <= 16 takes a lower bound of the
 // k-th key from 16 vector lanes of maxima, compacts the few keys above it, and ranks them
 // with branch-free vector compares; larger k ranks every key, and more than 256 candidates
-// are sorted as packed integers. float64 rows use a plain sort. counts come from a histogram per task, added atomically once per task.
+// are sorted as packed integers. float64 rows use a plain sort. counts come from a histogram
+// per task, added atomically once per task.
 // router_losses splits rows into fixed chunks (a function of the shape only), each with its
 // own float64 partial sums, so the result does not depend on the thread count. bfloat16 /
 // float16 rows are widened into a float32 buffer first.
