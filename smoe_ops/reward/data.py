@@ -140,6 +140,18 @@ class PreferenceData:
         _check_keys("load_safetensors", path, list(tensors))
         return cls._from_arrays(tensors)
 
+    @classmethod
+    def from_jsonl(cls, path, encoder=None, **kwargs) -> "PreferenceData":
+        """Text pairs from a JSONL file, encoded by `encoder` (None: MiniLM); keyword
+        arguments (cache_dir, batch_size, progress, user_index, category_index) as for
+        `smoe_ops.reward.text.load_jsonl`, which this calls. That function also returns
+        the name -> id maps of string user ids and categories, which this one drops."""
+        # Imported here: the text module builds on this one.
+        from smoe_ops.reward.text import load_jsonl
+
+        data, _ = load_jsonl(path, encoder, **kwargs)
+        return data
+
     def _arrays(self) -> dict:
         return dict(context=self.context, chosen=self.chosen, rejected=self.rejected,
                     user_ids=self.user_ids, categories=self.categories)
