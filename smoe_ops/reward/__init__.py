@@ -9,7 +9,7 @@
 See DESIGN.md section 3. This package builds on the smoe_ops ops, never the reverse.
 """
 
-from smoe_ops.reward import synthetic
+from smoe_ops.reward import synthetic, text
 from smoe_ops.reward.data import PreferenceData
 from smoe_ops.reward.losses import (
     Regularizers,
@@ -21,12 +21,14 @@ from smoe_ops.reward.losses import (
     user_mixture_bt_loss,
 )
 from smoe_ops.reward.model import SparseMoERewardModel, dense, single_head
-from smoe_ops.reward.report import RoutingReport, routing_report
+from smoe_ops.reward.report import ExpertCard, RoutingReport, expert_cards, routing_report
+from smoe_ops.reward.text import HashingEncoder, JsonlInfo, MiniLMEncoder, load_jsonl
 from smoe_ops.reward.train import evaluate, load, save, train
 
 __all__ = [
-    "PreferenceData", "Regularizers", "RoutingReport", "SparseMoERewardModel", "dense",
-    "diversity_loss", "evaluate", "load", "mixture_bt_loss", "pair_accuracy",
+    "ExpertCard", "HashingEncoder", "JsonlInfo", "MiniLMEncoder", "PreferenceData",
+    "Regularizers", "RoutingReport", "SparseMoERewardModel", "dense", "diversity_loss",
+    "evaluate", "expert_cards", "load", "load_jsonl", "mixture_bt_loss", "pair_accuracy",
     "preference_probability", "reward_mixture_bt_loss", "routing_report", "save",
-    "single_head", "synthetic", "train", "user_mixture_bt_loss",
+    "single_head", "synthetic", "text", "train", "user_mixture_bt_loss",
 ]  # fmt: skip
