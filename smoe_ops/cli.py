@@ -157,6 +157,47 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".md")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def cmd_report(args) -> int:
+    from smoe_ops.reward import load, routing_report
+
+    if not os.path.exists(args.model):
+        raise SystemExit(f"smoe-ops report: model file {args.model} does not exist")
+    model = load(args.model)
+    data, _info = load_data(args.data, args.encoder, args.cache_dir, not args.quiet)
+    report = routing_report(model, data, top=args.top)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, allow_nan=False))
+    else:
+        print(report.to_markdown(), end="")
+    if args.out is None:
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    _write_json(os.path.join(args.out, "report.json"), report.to_dict())
+    _write_text(os.path.join(args.out, "report.md"), report.to_markdown())
+    written = [os.path.join(args.out, name) for name in ("report.json", "report.md")]
+    try:
+        from smoe_ops.reward.plots import save_report_plots
+
+        written += [str(path) for path in save_report_plots(report, args.out)]
+    except ImportError as error:  # matplotlib is an optional extra
+        print(f"no plots: {error}", file=sys.stderr)
+    print("wrote " + ", ".join(written), file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def cmd_info(_args) -> int:
     import smoe_ops
 
@@ -200,11 +241,27 @@ def _add_train(commands) -> None:
     parser.set_defaults(run=cmd_train)
 
 
+def _add_report(commands) -> None:
+    parser = commands.add_parser("report", help="routing report of a trained model")
+    parser.add_argument("--model", required=True, help="a checkpoint written by train")
+    parser.add_argument("--data", required=True,
+                        help=f"pairs to route: a feature file or JSONL ({DATA_SUFFIXES})")
+    parser.add_argument("--out", help="folder for report.md, report.json and the PNGs")
+    parser.add_argument("--json", action="store_true", help="print JSON, not markdown")
+    parser.add_argument("--top", type=int, default=5, help="pairs per expert card list")
+    parser.add_argument("--encoder", choices=("minilm", "hashing"), default="minilm",
+                        help="JSONL: text encoder (the one the model was trained with)")
+    parser.add_argument("--cache-dir", help="JSONL: embedding cache folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe-ops", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train(commands)
+    _add_report(commands)
     commands.add_parser("info", help="version and compiled backends").set_defaults(
         run=cmd_info)
     return parser

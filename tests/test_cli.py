@@ -81,3 +81,48 @@ def test_info_runs_as_a_module():
                           text=True, timeout=120, check=True)
     info = json.loads(done.stdout)
     assert "version" in info
+
+
+def test_report_reads_what_train_wrote(tmp_path, capsys):
+    out = tmp_path / "run"
+    cli.main(["train", "--synthetic", "prompt_regions", "--out", str(out)] + SMALL)
+    capsys.readouterr()
+    argv = ["report", "--model", str(out / "model.safetensors"), "--data",
+            str(out / "val.safetensors"), "--out", str(out / "report"), "--top", "2"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# Routing report") and "### Expert 7" in printed
+    written = json.loads((out / "report" / "report.json").read_text())
+    assert written["num_experts"] == 8 and len(written["cards"]) == 8
+    assert (out / "report" / "report.md").read_text().startswith("# Routing report")
+    pytest.importorskip("matplotlib", reason="plots need the optional matplotlib")
+    for name in ("routing_heatmap.png", "expert_load.png"):
+        assert (out / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_json_and_jsonl_end_to_end(tmp_path, capsys):
+    # Text pairs through the dependency-free hashing encoder: train, then report as JSON.
+    records = [{"prompt": f"question {i % 7}", "chosen": f"short answer {i}",
+                "rejected": f"a much longer and wandering answer {i}",
+                "user_id": f"user{i % 5}", "category": i % 2} for i in range(120)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(record) for record in records) + "\n")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(path), "--encoder", "hashing", "--cache-dir",
+            str(tmp_path / "cache"), "--out", str(out), "--experts", "2", "--k", "1",
+            "--epochs", "2", "--quiet"]
+    assert cli.main(argv) == 0
+    assert json.loads((out / "train.json").read_text())["data"]["encoder"].startswith("hash")
+    capsys.readouterr()
+    argv = ["report", "--model", str(out / "model.safetensors"), "--data", str(path),
+            "--encoder", "hashing", "--cache-dir", str(tmp_path / "cache"), "--json",
+            "--quiet"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_pairs"] == 120 and report["categories"] == [0, 1]
+
+
+def test_report_of_a_missing_model(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["report", "--model", str(tmp_path / "none.safetensors"), "--data",
+                  str(tmp_path / "none.npz")])
