@@ -111,7 +111,8 @@ class Regularizers:
         sparser), `router_losses(...).entropy`.
     balance: global balance; balance_kind "kl" = log K - H(mean routing), the KL of the
         batch-mean routing from uniform, or "switch" = the Switch loss `.balance`.
-    diversity: mean pairwise squared cosine of the expert weight vectors.
+    diversity: mean pairwise squared cosine of the experts' `head_weights()` (linear
+        experts: their weight vectors; MLP experts: their reward gradients at the origin).
     """
 
     sparsity: float = 0.01
