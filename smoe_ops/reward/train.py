@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from smoe_ops.reward.data import PreferenceData
+from smoe_ops.reward.em import init_user_mixture
 from smoe_ops.reward.losses import (
     OBJECTIVES,
     Regularizers,
@@ -97,6 +98,7 @@ def train(
     seed: int = 0,
     patience: Optional[int] = 5,
     progress: bool = True,
+    user_init: Optional[str] = "em",
 ) -> list:
     """Fit `model` to the pairs of `data` in place; returns the history.
 
@@ -107,6 +109,9 @@ def train(
 
     objective: "mixture" (mixture BT, the default), "reward_mixture", or "user_mixture"
     (every pair needs a user id; the model needs num_users; batches hold whole users).
+    user_init: with "user_mixture" and linear experts, "em" first fits the experts and
+    each user's routing by EM (`smoe_ops.reward.em`; gradient steps alone tend to leave
+    two user types merged in one expert), then trains from there; None skips it.
 
     Returns: one dict per epoch: epoch, loss (mean objective + regularizers over the
     batches), train_accuracy (over the epoch's batches, as trained), val_accuracy (None
@@ -129,6 +134,19 @@ def train(
     if user_level and (data.user_ids < 0).any():
         raise ValueError("train: objective 'user_mixture' needs the user id of every pair; "
                          "data.user_ids has -1 (unknown)")
+    if user_level and model.config.get("num_users") is None:
+        raise ValueError("train: objective 'user_mixture' needs a model built with "
+                         "num_users; this one was built without num_users")
+    if user_level and int(data.user_ids.max()) >= model.config["num_users"]:
+        raise ValueError(
+            f"train: user ids must be in [0, {model.config['num_users']}), got "
+            f"[{int(data.user_ids.min())}, {int(data.user_ids.max())}]")
+    if user_init not in ("em", None):
+        raise ValueError(f"train: user_init must be 'em' or None, got {user_init!r}")
+    if user_level and user_init == "em" and model.config.get("expert_hidden") is None:
+        fit = init_user_mixture(model, data, seed=seed)
+        logger.info("EM start: log-likelihood %.3f (restart %d)", fit.log_likelihood,
+                    fit.restart)
     accuracy_rule = "mixture" if user_level else objective
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
