@@ -262,16 +262,44 @@ class SparseMoERewardModel(nn.Module):
         return (torch.einsum("bjd,bd->bj", heads, response)
                 + _rows(self.expert_bias[:, None], routing.ids)[..., 0])
 
-    def reward(self, context: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
-        """[B] population reward sum_j g_j r_{ids_j}(response) for [B, Dc] contexts and
-        [B, Dr] responses."""
+    def population_logits(self, context: torch.Tensor) -> torch.Tensor:
+        """[B, K] routing logits for [B, Dc] contexts when no user profile is given.
+
+        Context-routed models: the router's logits. A model built with num_users routes
+        its users by their own logits and never trains the router; a new user starts from
+        the log of the training users' mean routing, the prior over the user types, the
+        same row for every context.
+        """
+        if self.config["num_users"] is not None:
+            prior = torch.softmax(self.user_logits, dim=1).mean(0)
+            return prior.clamp_min(1e-30).log().expand(context.shape[0], -1)
+        return self.router(context)
+
+    def reward(self, context: torch.Tensor, response: torch.Tensor,
+               profile=None) -> torch.Tensor:
+        """[B] reward sum_j g_j r_{ids_j}(response) for [B, Dc] contexts and [B, Dr]
+        responses, routed on the population logits, or with a `UserProfile`
+        (`smoe_ops.reward.personalize`) on that user's logits: still the top k experts,
+        so a personalized pair costs what a population pair does."""
         if context.shape[0] != response.shape[0]:
             raise ValueError(
                 f"reward: context has {context.shape[0]} rows but response has "
                 f"{response.shape[0]}; expected one response per context"
             )
-        routing, _logits = self.route(context)
+        logits = self.population_logits(context)
+        if profile is not None:
+            logits = profile.routing_logits(logits)
+        routing = smoe_ops.route(logits.contiguous(), self.k, score=self.config["score"])
         return (routing.weights * self.expert_rewards(response, routing)).sum(1)
+
+    def all_expert_rewards(self, response: torch.Tensor) -> torch.Tensor:
+        """[B, K] reward of every expert for the [B, Dr] responses (dense: B K expert
+        rows; personalization needs every expert's opinion of a user's few pairs)."""
+        if self.expert_hidden is None:
+            return response @ self.head_weights().T + self.expert_bias
+        ids = torch.arange(self.num_experts, dtype=torch.int32).expand(
+            response.shape[0], -1).contiguous()
+        return self._mlp_rewards(response, ids, with_bias=True)
 
     def forward(self, context: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
         return self.reward(context, response)

@@ -1,0 +1,369 @@
+"""Test-time personalization: fit a new user's expert weights from a few of their labelled
+pairs, with the experts (and the router) frozen.
+
+A profile is a vector of K logits. Scoring with it routes each example on
+    logits = population_logits(x) + profile.logits    (relative profiles: hedge, map)
+    logits = profile.logits                           (absolute profiles: softmax)
+through the same top-k `route` as the population model, so a personalized pair still costs
+k experts. The population logits are the router's (context-routed models) or, for a model
+trained with user ids, the log of the mean routing of its training users: the prior over
+user types that a new user starts from.
+
+Methods, with m_ie = r_e(chosen_i) - r_e(rejected_i) the margin of expert e on pair i and
+loss_ie = -log sigmoid(m_ie):
+- "hedge": multiplicative weights from the population routing, w_e <- w_e exp(-eta loss_ie)
+  per pair; as logits, b_e = -eta sum_i loss_ie (the order of the pairs does not matter).
+  With eta = 1 it is the Bayes posterior over "which single expert is this user" under the
+  population prior. `update(profile, pair)` applies one more pair (streams of labels).
+- "map": b = argmin_b -sum_i log sum_e softmax(a_i + b)_e sigmoid(m_ie) + prior/2 |b|^2,
+  a_i the population logits of pair i, by damped Newton steps (Gaussian prior on the shift,
+  `prior_strength` its precision). The mixture here is over all K experts, dense; scoring
+  then routes to the top k of a_i + b. The objective is not convex, so each step uses the
+  Hessian with its eigenvalues floored at the prior strength, and a step that would raise a
+  user's objective is halved (up to 4 times) or skipped, user by user.
+- "softmax": ensemble reweighting, w_e proportional to exp(-sum_i loss_ie / tau), the same
+  for every context (the router is ignored).
+
+Many users at once: `personalize` on data whose pairs carry user ids fits every user in one
+batch of [U, K] tensors (no Python loop over users) and returns {user_id: UserProfile}.
+"""
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Union
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+
+import smoe_ops
+from smoe_ops.reward.data import PreferenceData
+
+__all__ = [
+    "METHODS", "ProfileBatch", "ShiftReport", "UserProfile", "all_expert_margins",
+    "personalize", "personalize_batch", "personalized_probability", "population_logits",
+    "shift_report", "update",
+]  # fmt: skip
+
+logger = logging.getLogger("smoe_ops")
+
+METHODS = ("hedge", "map", "softmax")
+_FORMAT = "smoe_ops.UserProfile/1"
+# Pairs per chunk of the batched Newton step: bounds the [pairs, K, K] temporaries.
+_CHUNK = 8192
+
+
+@dataclass
+class UserProfile:
+    """One user's expert weights, as K routing logits (a handful of floats).
+
+    logits: [K] float32. relative: True adds them to the population logits (hedge, map),
+        False uses them alone (softmax). method: how they were fitted. num_pairs: labelled
+        pairs behind them. user_id: the user's id in the data (-1: unknown).
+    """
+
+    logits: torch.Tensor
+    relative: bool = True
+    method: str = "population"
+    num_pairs: int = 0
+    user_id: int = -1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_experts(self) -> int:
+        return self.logits.shape[0]
+
+    def routing_logits(self, population: torch.Tensor) -> torch.Tensor:
+        """[B, K] logits to route on, from [B, K] population logits."""
+        if self.logits.shape[0] != population.shape[1]:
+            raise ValueError(
+                f"UserProfile: has {self.logits.shape[0]} expert logits, the model has "
+                f"{population.shape[1]} experts")
+        logits = self.logits.to(population.dtype)
+        return population + logits if self.relative else logits.expand_as(population)
+
+    def save(self, path) -> None:
+        """Write the profile to `path` atomically (safetensors; fields in the metadata)."""
+        metadata = {"format": _FORMAT, "fields": json.dumps(dict(
+            relative=self.relative, method=self.method, num_pairs=self.num_pairs,
+            user_id=self.user_id, extra=self.extra))}
+        payload = safetensors.torch.save({"logits": self.logits.float().contiguous()},
+                                         metadata=metadata)
+        _write_atomically(path, payload)
+
+    @classmethod
+    def load(cls, path) -> "UserProfile":
+        """Read a profile written by `save`; ValueError naming the file otherwise."""
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                logits = file.get_tensor("logits")
+            fields = json.loads(metadata["fields"])
+        except FileNotFoundError:
+            raise
+        except (SafetensorError, OSError, KeyError, ValueError) as error:
+            raise ValueError(f"UserProfile.load: {path} is not a readable profile: "
+                             f"{error!r}") from None
+        if metadata.get("format") != _FORMAT or logits.dim() != 1:
+            raise ValueError(f"UserProfile.load: {path} has format "
+                             f"{metadata.get('format')!r} and logits of shape "
+                             f"{tuple(logits.shape)}; expected {_FORMAT!r} and [K]")
+        return cls(logits, **fields)
+
+
+def _write_atomically(path, payload: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(payload)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+@dataclass
+class ProfileBatch:
+    """Profiles of U users as tensors: user_ids [U] int64 (sorted), logits [U, K] float32,
+    num_pairs [U] int64, and the common method / relative flag."""
+
+    user_ids: torch.Tensor
+    logits: torch.Tensor
+    num_pairs: torch.Tensor
+    method: str
+    relative: bool
+
+    def profiles(self) -> Dict[int, UserProfile]:
+        """{user_id: UserProfile}, each holding its own copy of its row."""
+        return {int(user): UserProfile(self.logits[row].clone(), self.relative, self.method,
+                                       int(self.num_pairs[row]), int(user))
+                for row, user in enumerate(self.user_ids.tolist())}
+
+
+@torch.no_grad()
+def population_logits(model, context: torch.Tensor) -> torch.Tensor:
+    """[B, K] float32 logits the population model routes [B, Dc] contexts on
+    (`SparseMoERewardModel.population_logits`: the router's, or for a model trained with
+    user ids, the log of its users' mean routing)."""
+    return model.population_logits(context).float()
+
+
+@torch.no_grad()
+def all_expert_margins(model, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """[P, K] float32 margin r_e(chosen) - r_e(rejected) of every expert on every pair."""
+    return model.all_expert_rewards(chosen) - model.all_expert_rewards(rejected)
+
+
+def _check(model, data: PreferenceData, method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"personalize: method must be one of {METHODS}, got {method!r}")
+    if (data.context_dim, data.response_dim) != (model.config["context_dim"],
+                                                 model.config["response_dim"]):
+        raise ValueError(
+            f"personalize: user data has context_dim={data.context_dim}, response_dim="
+            f"{data.response_dim}; the model expects {model.config['context_dim']} and "
+            f"{model.config['response_dim']}")
+
+
+def _map_objective(base, margins, rows, shift, prior_strength, num_users):
+    """[U] MAP objective per user: -sum_i log sum_e softmax(a_i + b_u)_e sigmoid(m_ie)
+    + prior/2 |b_u|^2."""
+    log_mix = torch.logsumexp(F.log_softmax(base + shift[rows], 1) + F.logsigmoid(margins), 1)
+    fit = torch.zeros(num_users, dtype=base.dtype).index_add(0, rows, -log_mix)
+    return fit + 0.5 * prior_strength * shift.square().sum(1)
+
+
+def _newton_direction(base, margins, rows, shift, prior_strength, num_users):
+    """[U, K] damped Newton direction of the MAP objective for every user at once."""
+    num_experts = base.shape[1]
+    gradient = prior_strength * shift
+    hessian = prior_strength * torch.eye(num_experts, dtype=base.dtype).expand(
+        num_users, -1, -1).clone()
+    for start in range(0, len(rows), _CHUNK):
+        part = slice(start, start + _CHUNK)
+        prob = torch.softmax(base[part] + shift[rows[part]], 1)           # p_i
+        posterior = torch.softmax(prob.log() + F.logsigmoid(margins[part]), 1)  # r_i
+        gradient = gradient.index_add(0, rows[part], prob - posterior)
+        # d(p - r)/db = (diag p - p p^T) - (diag r - r r^T), per pair, summed per user.
+        curvature = (torch.diag_embed(prob - posterior)
+                     - prob[:, :, None] * prob[:, None, :]
+                     + posterior[:, :, None] * posterior[:, None, :])
+        hessian = hessian.index_add(0, rows[part], curvature)
+    values, vectors = torch.linalg.eigh(0.5 * (hessian + hessian.transpose(1, 2)))
+    values = values.clamp_min(prior_strength)
+    step = vectors @ ((vectors.transpose(1, 2) @ gradient[:, :, None]) / values[:, :, None])
+    return -step.squeeze(2)
+
+
+def _fit_map(base, margins, rows, num_users, prior_strength, steps):
+    shift = torch.zeros(num_users, base.shape[1], dtype=base.dtype)
+    objective = _map_objective(base, margins, rows, shift, prior_strength, num_users)
+    for _ in range(steps):
+        direction = _newton_direction(base, margins, rows, shift, prior_strength, num_users)
+        accepted = torch.zeros(num_users, dtype=torch.bool)
+        scale = 1.0
+        for _halving in range(5):
+            trial = shift + scale * direction
+            value = _map_objective(base, margins, rows, trial, prior_strength, num_users)
+            better = (value < objective) & ~accepted
+            shift = torch.where(better[:, None], trial, shift)
+            objective = torch.where(better, value, objective)
+            accepted |= better
+            if bool(accepted.all()):
+                break
+            scale *= 0.5
+        if not bool(accepted.any()):
+            break
+    return shift
+
+
+@torch.no_grad()
+def personalize_batch(model, data: PreferenceData, method: str = "map", *,
+                      prior_strength: float = 0.5, steps: int = 8, eta: float = 1.0,
+                      tau: float = 1.0) -> ProfileBatch:
+    """Fit one profile per user id of `data` (pairs with user id -1 form one unknown user,
+    id -1) in one batch. Arguments as for `personalize`."""
+    _check(model, data, method)
+    for name, value in (("prior_strength", prior_strength), ("eta", eta), ("tau", tau)):
+        if not value > 0:
+            raise ValueError(f"personalize: {name} must be > 0, got {value}")
+    users, rows = torch.unique(data.user_ids, return_inverse=True)
+    num_users, num_experts = len(users), model.num_experts
+    margins = all_expert_margins(model, data.chosen, data.rejected).double()
+    losses = torch.zeros(num_users, num_experts, dtype=torch.float64).index_add(
+        0, rows, -F.logsigmoid(margins))
+    if method == "hedge":
+        shift, relative = -eta * losses, True
+    elif method == "softmax":
+        shift, relative = -losses / tau, False
+    else:
+        base = population_logits(model, data.context).double()
+        shift, relative = _fit_map(base, margins, rows, num_users, prior_strength, steps), True
+    # Only differences between logits matter; centring keeps them small and comparable.
+    shift = shift - shift.mean(1, keepdim=True)
+    counts = torch.bincount(rows, minlength=num_users)
+    return ProfileBatch(users, shift.float(), counts, method, relative)
+
+
+def personalize(model, user_data: PreferenceData, method: str = "map", *,
+                prior_strength: float = 0.5, steps: int = 8, eta: float = 1.0,
+                tau: float = 1.0) -> Union[UserProfile, Dict[int, UserProfile]]:
+    """Personalize the frozen `model` to the labelled pairs of a user (or of many).
+
+    Args:
+        model: a trained SparseMoERewardModel; nothing in it changes.
+        user_data: the user's pairs. If any pair has a user id (>= 0), every distinct id
+            is fitted separately, all in one batch, and the result is {user_id: profile}.
+            Otherwise all the pairs belong to one user and the result is one profile.
+        method: "hedge", "map" or "softmax" (see the module docstring).
+        prior_strength: map: precision of the Gaussian prior on the logit shift (larger
+            stays closer to the population).
+        steps: map: Newton steps.
+        eta: hedge: learning rate (1: the Bayes posterior under the population prior).
+        tau: softmax: temperature.
+    A user without pairs gets the population profile and a warning.
+    """
+    _check(model, user_data, method)
+    if len(user_data) == 0:
+        logger.warning("personalize: the user has no labelled pairs; using the population "
+                       "profile")
+        return UserProfile(torch.zeros(model.num_experts), True, "population", 0, -1)
+    batch = personalize_batch(model, user_data, method, prior_strength=prior_strength,
+                              steps=steps, eta=eta, tau=tau)
+    if bool((user_data.user_ids >= 0).any()):
+        return batch.profiles()
+    return batch.profiles()[-1]
+
+
+@torch.no_grad()
+def update(model, profile: UserProfile, pair: PreferenceData, eta: float = 1.0) -> UserProfile:
+    """One more labelled pair (or a few) for a hedge profile: returns the updated profile,
+    b_e <- b_e - eta * sum_i loss_ie (the input profile is left as it was)."""
+    if not profile.relative:
+        raise ValueError("update: hedge updates a relative profile (hedge, map or the "
+                         f"population); got an absolute {profile.method!r} profile")
+    _check(model, pair, "hedge")
+    margins = all_expert_margins(model, pair.chosen, pair.rejected).double()
+    logits = profile.logits.double() + eta * F.logsigmoid(margins).sum(0)
+    logits = logits - logits.mean()
+    return UserProfile(logits.float(), True, "hedge", profile.num_pairs + len(pair),
+                       profile.user_id, dict(profile.extra))
+
+
+@dataclass
+class ShiftReport:
+    """How far a profile moved from the population.
+
+    kl: KL(user routing || population routing), averaged over the contexts given.
+    population_weights, user_weights: [K] mean full-softmax routing weights.
+    gained, lost: expert ids by how much their mean weight rose (fell), largest first,
+        only those that moved by more than 0.01.
+    """
+
+    kl: float
+    population_weights: torch.Tensor
+    user_weights: torch.Tensor
+    gained: list
+    lost: list
+
+
+@torch.no_grad()
+def shift_report(model, profile: UserProfile, context: Optional[torch.Tensor] = None
+                 ) -> ShiftReport:
+    """Compare the profile's routing with the population's over [B, Dc] contexts (None: a
+    single all-zero context, which for a user-level model is exact)."""
+    if context is None:
+        context = torch.zeros(1, model.config["context_dim"])
+    population = population_logits(model, context).double()
+    user = profile.routing_logits(population)
+    log_p, log_q = F.log_softmax(user, 1), F.log_softmax(population, 1)
+    kl = float((log_p.exp() * (log_p - log_q)).sum(1).mean())
+    user_weights, population_weights = log_p.exp().mean(0), log_q.exp().mean(0)
+    change = user_weights - population_weights
+    order = torch.argsort(change, descending=True).tolist()
+    gained = [e for e in order if change[e] > 0.01]
+    lost = [e for e in reversed(order) if change[e] < -0.01]
+    if not math.isfinite(kl):
+        logger.warning("shift_report: the KL is not finite (an expert has zero weight)")
+    return ShiftReport(kl, population_weights.float(), user_weights.float(), gained, lost)
+
+
+@torch.no_grad()
+def personalized_probability(model, data: PreferenceData, profiles: ProfileBatch,
+                             default: str = "population") -> torch.Tensor:
+    """[P] float64 probability that chosen beats rejected under each pair's user profile
+    (the mixture over the k experts routed on the profile's logits).
+
+    Pairs whose user id has no row in `profiles` use the population routing when
+    `default` is "population", or raise ValueError when it is "error".
+    """
+    if default not in ("population", "error"):
+        raise ValueError(f"personalized_probability: default must be 'population' or "
+                         f"'error', got {default!r}")
+    logits = population_logits(model, data.context)
+    position = torch.searchsorted(profiles.user_ids, data.user_ids)
+    position = position.clamp_max(max(len(profiles.user_ids) - 1, 0))
+    known = (profiles.user_ids[position] == data.user_ids) if len(profiles.user_ids) else (
+        torch.zeros(len(data), dtype=torch.bool))
+    if default == "error" and not bool(known.all()):
+        missing = torch.unique(data.user_ids[~known]).tolist()[:5]
+        raise ValueError(f"personalized_probability: no profile for users {missing}")
+    shift = torch.where(known[:, None], profiles.logits[position] if len(profiles.user_ids)
+                        else torch.zeros_like(logits), torch.zeros_like(logits))
+    if profiles.relative:
+        logits = logits + shift
+    else:
+        logits = torch.where(known[:, None], shift, logits)
+    routing = smoe_ops.route(logits.contiguous(), model.k, score=model.config["score"])
+    margins = all_expert_margins(model, data.chosen, data.rejected)
+    chosen_margins = margins.gather(1, routing.ids.long())
+    return (routing.weights.double() * torch.sigmoid(chosen_margins.double())).sum(1)
