@@ -89,6 +89,12 @@ def run(num_pairs: int, epochs: int, seed: int):
         rows.append(dict(name=name, accuracy=evaluate(model, test_data), nmi=report.nmi,
                          cosine=cosine, dead=len(report.dead_experts), epochs=len(history),
                          seconds=seconds))
+    # The time check is for the full epoch count: early stopping above ends sooner, so the
+    # default model is timed again with it switched off.
+    model = SparseMoERewardModel(64, 64, seed=seed)
+    started = time.perf_counter()
+    train(model, train_data, epochs=epochs, seed=seed, patience=None, progress=False)
+    rows[0]["full_seconds"] = time.perf_counter() - started
     return oracle, len(train_data), rows
 
 
@@ -144,7 +150,9 @@ def markdown(oracle, num_train, rows, args, user_rows=()) -> str:
         (f"matched cosine to the true reward vectors >= {MIN_MATCHED_COSINE}",
          main["cosine"] >= MIN_MATCHED_COSINE),
         ("no dead experts", main["dead"] == 0),
-        (f"training under {MAX_TRAIN_SECONDS:g} s", main["seconds"] < MAX_TRAIN_SECONDS),
+        (f"training {num_train} pairs for {args.epochs} full epochs under "
+         f"{MAX_TRAIN_SECONDS:g} s (measured {main['full_seconds']:.1f} s)",
+         main["full_seconds"] < MAX_TRAIN_SECONDS),
     ]
     lines = [
         "# Sparse MoE reward model: acceptance results",
