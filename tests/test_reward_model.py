@@ -44,6 +44,7 @@ def dense_expert_rewards(model, response):
         (7, 7, None, 0.0),  # dense: k = K, prime K
         (1, 1, None, 0.0),  # single head: the router is inert
         (8, 3, 16, 0.5),  # MLP router and prior heads
+        (130, 2, None, 0.5),  # K > 64 k: rewards gather k heads instead of the K-wide product
     ],
 )
 def test_margins_and_reward_match_dense_formula(num_experts, k, router_hidden, prior_scale):

@@ -27,6 +27,12 @@ from smoe_ops.reference.routing import RouteResult
 
 __all__ = ["SparseMoERewardModel", "dense", "single_head"]
 
+# Linear experts score responses with one [B, Dr] x [Dr, K] product (the router's shape)
+# while K <= this many times k: gathering k heads per row instead copies B k Dr floats,
+# which costs more until K is large (one core, B = 4096, Dr = 384, k = 2: gather 4.2 ms
+# at every K; the product 0.4, 0.7, 2.2 and 8.4 ms at K = 4, 16, 64, 256).
+_DENSE_LINEAR_MAX_RATIO = 64
+
 
 class SparseMoERewardModel(nn.Module):
     """Sparse mixture of K reward experts (linear or one-hidden-layer MLP) on response
@@ -258,6 +264,9 @@ class SparseMoERewardModel(nn.Module):
                     f"routing.ids has {routing.ids.shape[0]}; expected one row per response"
                 )
             return self._mlp_rewards(response, routing.ids, with_bias=True)
+        if self.num_experts <= _DENSE_LINEAR_MAX_RATIO * routing.ids.shape[1]:
+            every_expert = torch.addmm(self.expert_bias, response, self.head_weights().T)
+            return every_expert.gather(1, routing.ids.long())
         heads = _rows(self.head_weights(), routing.ids)
         return (torch.einsum("bjd,bd->bj", heads, response)
                 + _rows(self.expert_bias[:, None], routing.ids)[..., 0])
