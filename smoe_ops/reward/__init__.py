@@ -20,15 +20,21 @@ from smoe_ops.reward.losses import (
     reward_mixture_bt_loss,
     user_mixture_bt_loss,
 )
+from smoe_ops.reward.export import ScalarRewardModel, TextRewardFunction, reward_function
 from smoe_ops.reward.model import SparseMoERewardModel, dense, single_head
+# Binds the name `personalize` to the function (DESIGN.md); the module stays importable as
+# `smoe_ops.reward.personalize` through the import system.
+from smoe_ops.reward.personalize import UserProfile, personalize, shift_report, update
 from smoe_ops.reward.report import ExpertCard, RoutingReport, expert_cards, routing_report
 from smoe_ops.reward.text import HashingEncoder, JsonlInfo, MiniLMEncoder, load_jsonl
 from smoe_ops.reward.train import evaluate, load, save, train
 
 __all__ = [
     "ExpertCard", "HashingEncoder", "JsonlInfo", "MiniLMEncoder", "PreferenceData",
-    "Regularizers", "RoutingReport", "SparseMoERewardModel", "dense", "diversity_loss",
-    "evaluate", "expert_cards", "load", "load_jsonl", "mixture_bt_loss", "pair_accuracy",
-    "preference_probability", "reward_mixture_bt_loss", "routing_report", "save",
-    "single_head", "synthetic", "text", "train", "user_mixture_bt_loss",
+    "Regularizers", "RoutingReport", "ScalarRewardModel", "SparseMoERewardModel",
+    "TextRewardFunction", "UserProfile", "dense", "diversity_loss", "evaluate",
+    "expert_cards", "load", "load_jsonl", "mixture_bt_loss", "pair_accuracy", "personalize",
+    "preference_probability", "reward_function", "reward_mixture_bt_loss", "routing_report",
+    "save", "shift_report", "single_head", "synthetic", "text", "train", "update",
+    "user_mixture_bt_loss",
 ]  # fmt: skip
