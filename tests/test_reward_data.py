@@ -180,7 +180,22 @@ def test_user_types_labels_and_oracle():
                                                                abs=0.03)
 
 
+def test_user_types_imbalanced_types():
+    gen = user_types(2000, 1, num_types=4, type_probs=[0.7, 0.2, 0.1, 0.0], seed=0)
+    shares = torch.bincount(gen.user_types, minlength=4).double() / 2000
+    # 2000 draws: standard error at most 0.011.
+    torch.testing.assert_close(shares, torch.tensor([0.7, 0.2, 0.1, 0.0],
+                                                    dtype=torch.float64), atol=0.04, rtol=0)
+    mixed = user_types(200, 1, num_types=4, types_per_user=2, type_probs=[1, 1, 0, 0],
+                       seed=0)
+    assert ((mixed.user_mixtures[:, 2:] == 0).all() and (mixed.user_mixtures[:, :2] > 0).all())
+
+
 def test_user_types_bad_arguments():
+    with pytest.raises(ValueError, match=r"type_probs must be \[num_types=4\] non-negative"):
+        user_types(3, 2, type_probs=[1.0, -1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="at least types_per_user=2 positive"):
+        user_types(3, 2, types_per_user=2, type_probs=[1.0, 0.0, 0.0, 0.0])
     with pytest.raises(ValueError, match=r"types_per_user must be in \[1, num_types=4\], got 5"):
         user_types(3, 2, types_per_user=5)
     with pytest.raises(ValueError, match="user_types: need temperature > 0"):

@@ -14,7 +14,9 @@ from smoe_ops.reward.protocols import (
     FewShotCurve,
     _split,
     _tie_accuracy,
+    adapt_and_score,
     few_shot_curve,
+    group_accuracy,
     logistic_probability,
 )
 
@@ -116,3 +118,31 @@ def test_bad_arguments():
         few_shot_curve(model, held_out, resamples=0, progress=False)
     with pytest.raises(ValueError, match="without an oracle"):
         FewShotCurve([0], {"population": torch.zeros(1, 1)}, [1]).gap_closed("population", 0)
+
+
+def test_group_accuracy_per_group():
+    probability = torch.tensor([0.9, 0.1, 0.5, 0.8, 0.3])
+    groups = torch.tensor([2, 2, 0, 0, 0])
+    result = group_accuracy(probability, groups)
+    assert result == {0: pytest.approx(0.5), 2: pytest.approx(0.5)}
+    assert group_accuracy(torch.tensor([0.9, 0.7]), torch.tensor([1, 1])) == {1: 1.0}
+    with pytest.raises(ValueError, match="must have the same shape"):
+        group_accuracy(torch.zeros(3), torch.zeros(2, dtype=torch.int64))
+
+
+def test_adapt_and_score_is_one_round_of_the_curve():
+    made, model, held_out = user_level_model()
+    curve = few_shot_curve(model, held_out, shots=[0, 8], resamples=1, methods=("map",),
+                           logistic=False, eval_pairs=10, seed=3, progress=False)
+    for n in (0, 8):
+        test, probability = adapt_and_score(model, held_out, n, "map", eval_pairs=10,
+                                            seed=3)
+        assert len(test) == 10 * len(torch.unique(held_out.user_ids))
+        expected = curve.mean("map")[curve.shots.index(n)]
+        assert _tie_accuracy(probability) == pytest.approx(expected)
+    # Knowing the user's type helps on every type: MAP beats the population per type.
+    test, personal = adapt_and_score(model, held_out, 8, "map", eval_pairs=10, seed=3)
+    _, population = adapt_and_score(model, held_out, 8, "population", eval_pairs=10, seed=3)
+    groups = test.categories
+    assert min(group_accuracy(personal, groups).values()) > min(
+        group_accuracy(population, groups).values())

@@ -34,7 +34,8 @@ from smoe_ops.reward.personalize import (
     personalized_probability,
 )
 
-__all__ = ["DEFAULT_SHOTS", "FewShotCurve", "few_shot_curve", "logistic_probability"]
+__all__ = ["DEFAULT_SHOTS", "FewShotCurve", "adapt_and_score", "few_shot_curve",
+           "group_accuracy", "logistic_probability"]
 
 logger = logging.getLogger("smoe_ops")
 
@@ -226,6 +227,37 @@ def few_shot_curve(model, data: PreferenceData, shots: Sequence[int] = DEFAULT_S
                 oracle_values[column, round_] = oracle(test)
     oracle_mean = None if oracle is None else oracle_values.nanmean(1).tolist()
     return FewShotCurve(shots, accuracy, users_scored, oracle_mean)
+
+
+def group_accuracy(probability: torch.Tensor, groups: torch.Tensor) -> Dict[int, float]:
+    """{group: accuracy of its pairs} (a probability of 1/2 counts half), for [P]
+    probabilities and [P] integer groups (e.g. the true user type of each pair); the
+    worst group is min(result.values())."""
+    if probability.shape != groups.shape:
+        raise ValueError(f"group_accuracy: probability {list(probability.shape)} and groups "
+                         f"{list(groups.shape)} must have the same shape [P]")
+    return {int(group): _tie_accuracy(probability[groups == group])
+            for group in torch.unique(groups).tolist()}
+
+
+@torch.no_grad()
+def adapt_and_score(model, data: PreferenceData, shots: int, method: str = "map",
+                    eval_pairs: Optional[int] = None, seed: int = 0,
+                    **personalize_options):
+    """One round of the few-shot protocol at n = shots: each user with a pool of at least
+    `shots` pairs adapts on `shots` of them ("population": not at all) and is scored on
+    its test pairs. Returns (test pairs, [P_test] probability that chosen wins), so that
+    callers can slice the accuracy (e.g. `group_accuracy` by true type)."""
+    if len(data) == 0 or bool((data.user_ids < 0).any()):
+        raise ValueError("adapt_and_score: data needs pairs, each with its user id (>= 0)")
+    rank, test_size, pool_size = _split(data, eval_pairs, torch.Generator().manual_seed(seed))
+    eligible = pool_size >= shots
+    test = data[eligible & (rank < test_size)]
+    adapt = data[eligible & (rank >= test_size) & (rank < test_size + shots)]
+    if method == "population" or shots == 0:
+        return test, personalized_probability(model, test, _no_profiles(model))
+    profiles = personalize_batch(model, adapt, method, **personalize_options)
+    return test, personalized_probability(model, test, profiles)
 
 
 def _no_profiles(model):

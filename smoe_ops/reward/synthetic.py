@@ -11,6 +11,7 @@ exact opposite of another (u_{2j+1} = -u_{2j}), which a single reward head canno
 """
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -175,11 +176,13 @@ def user_types(
     temperature: float = 0.5,
     label_noise: float = 0.0,
     seed: int = 0,
+    type_probs: Optional[Sequence[float]] = None,
 ) -> UserTypes:
     """Users of `num_types` latent types, all labelling pairs on the same prompts.
 
-    Each user draws `types_per_user` distinct types and Dirichlet(1) weights over them
-    (1: a pure type); its reward vector is that mixture of the unit-norm type vectors
+    Each user draws `types_per_user` distinct types (uniformly, or with probabilities
+    proportional to `type_probs`, [num_types] non-negative: imbalanced types) and
+    Dirichlet(1) weights over them (1: a pure type); its reward vector is that mixture of the unit-norm type vectors
     (with `conflict`, type 1 = -type 0, as in `prompt_regions`). Contexts are N(0, I) for
     every user, responses N(0, I); labels are Bradley-Terry with the user's reward vector
     and `temperature`, then flipped with probability `label_noise`. Pairs are grouped by
@@ -196,11 +199,23 @@ def user_types(
             f"{types_per_user}"
         )
     _check_label_arguments("user_types", temperature, label_noise)
+    if type_probs is not None:
+        type_probs = torch.as_tensor(type_probs, dtype=torch.float64)
+        if (type_probs.shape != (num_types,) or not bool((type_probs >= 0).all())
+                or int((type_probs > 0).sum()) < types_per_user):
+            raise ValueError(
+                f"user_types: type_probs must be [num_types={num_types}] non-negative "
+                f"with at least types_per_user={types_per_user} positive, got "
+                f"{type_probs.tolist()}")
     generator = torch.Generator().manual_seed(seed)
     true_rewards = _true_rewards(num_types, response_dim, conflict, generator)
     mixtures = torch.zeros(num_users, num_types)
     for user in range(num_users):
-        chosen_types = torch.randperm(num_types, generator=generator)[:types_per_user]
+        if type_probs is None:
+            chosen_types = torch.randperm(num_types, generator=generator)[:types_per_user]
+        else:
+            chosen_types = torch.multinomial(type_probs, types_per_user, replacement=False,
+                                             generator=generator)
         weights = -torch.rand(types_per_user, generator=generator).clamp_min(1e-12).log()
         mixtures[user, chosen_types] = weights / weights.sum()  # Dirichlet(1, ..., 1)
     user_rewards = mixtures @ true_rewards
