@@ -30,7 +30,7 @@ from tqdm import tqdm
 from benchmarks.common import copy_bandwidth_gbs, git_sha, machine
 from smoe_ops.reward import SparseMoERewardModel
 from smoe_ops.reward.cost import personalization_seconds, profile_bytes, scoring_cost
-from smoe_ops.reward.personalize import METHODS, UserProfile
+from smoe_ops.reward.personalization import METHODS, UserProfile
 
 FEATURES = 384
 MLP_HIDDEN = 256

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from benchmarks.common import git_sha, machine
 from smoe_ops.reward import Regularizers, SparseMoERewardModel, single_head, train
-from smoe_ops.reward.personalize import ProfileBatch, personalized_probability
+from smoe_ops.reward.personalization import ProfileBatch, personalized_probability
 from smoe_ops.reward.protocols import (
     DEFAULT_SHOTS,
     adapt_and_score,

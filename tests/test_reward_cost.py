@@ -11,7 +11,7 @@ from smoe_ops.reward.cost import (
     profile_bytes,
     scoring_cost,
 )
-from smoe_ops.reward.personalize import UserProfile
+from smoe_ops.reward.personalization import UserProfile
 
 
 def test_median_seconds_calls_the_function_and_returns_a_duration():

@@ -9,7 +9,7 @@ import torch
 
 from smoe_ops.reward import SparseMoERewardModel
 from smoe_ops.reward.export import ScalarRewardModel, TextRewardFunction, reward_function
-from smoe_ops.reward.personalize import UserProfile
+from smoe_ops.reward.personalization import UserProfile
 from smoe_ops.reward.text import HashingEncoder, encode_texts
 
 DIM = 32

@@ -22,9 +22,9 @@ from smoe_ops.reward.losses import (
 )
 from smoe_ops.reward.export import ScalarRewardModel, TextRewardFunction, reward_function
 from smoe_ops.reward.model import SparseMoERewardModel, dense, single_head
-# Binds the name `personalize` to the function (DESIGN.md); the module stays importable as
-# `smoe_ops.reward.personalize` through the import system.
-from smoe_ops.reward.personalize import UserProfile, personalize, shift_report, update
+# The module is `personalization`, so that `smoe_ops.reward.personalize` is the function
+# DESIGN.md names and never shadows a module of the same name.
+from smoe_ops.reward.personalization import UserProfile, personalize, shift_report, update
 from smoe_ops.reward.report import ExpertCard, RoutingReport, expert_cards, routing_report
 from smoe_ops.reward.text import HashingEncoder, JsonlInfo, MiniLMEncoder, load_jsonl
 from smoe_ops.reward.train import evaluate, load, save, train

@@ -17,7 +17,7 @@ import torch
 
 import smoe_ops
 from smoe_ops.reward.data import PreferenceData
-from smoe_ops.reward.personalize import UserProfile, personalize_batch
+from smoe_ops.reward.personalization import UserProfile, personalize_batch
 
 __all__ = ["ScoringCost", "median_seconds", "personalization_seconds", "profile_bytes",
            "scoring_cost"]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from smoe_ops.reward.model import SparseMoERewardModel
-from smoe_ops.reward.personalize import UserProfile
+from smoe_ops.reward.personalization import UserProfile
 from smoe_ops.reward.text import TextEncoder, default_encoder, encode_texts
 
 __all__ = ["ScalarRewardModel", "TextRewardFunction", "reward_function"]

@@ -288,7 +288,7 @@ class SparseMoERewardModel(nn.Module):
                profile=None) -> torch.Tensor:
         """[B] reward sum_j g_j r_{ids_j}(response) for [B, Dc] contexts and [B, Dr]
         responses, routed on the population logits, or with a `UserProfile`
-        (`smoe_ops.reward.personalize`) on that user's logits: still the top k experts,
+        (`smoe_ops.reward.personalization`) on that user's logits: still the top k experts,
         so a personalized pair costs what a population pair does."""
         if context.shape[0] != response.shape[0]:
             raise ValueError(

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smoe_ops.reward.data import PreferenceData
-from smoe_ops.reward.personalize import (
+from smoe_ops.reward.personalization import (
     ProfileBatch,
     personalize_batch,
     personalized_probability,

@@ -19,9 +19,9 @@ loss_ie = -log sigmoid(m_ie):
   a_i the population logits of pair i, by damped Newton steps (Gaussian prior on the shift,
   `prior_strength` its precision). The mixture here is over all K experts, dense; scoring
   then routes to the top k of a_i + b. The objective is not convex, so each step is a
-  Levenberg-Marquardt step (the Hessian plus as much damping as its Cholesky factorization
-  needs), and a step that would raise a user's objective is halved (up to 4 times) or
-  skipped, user by user.
+  damped Newton step (eigenvalues kept above half the prior strength, each logit moving at
+  most _MAX_STEP), and a step that would raise a user's objective is halved (up to 4 times)
+  or skipped, user by user.
 - "softmax": ensemble reweighting, w_e proportional to exp(-sum_i loss_ie / tau), the same
   for every context (the router is ignored).
 
@@ -57,6 +57,8 @@ METHODS = ("hedge", "map", "softmax")
 _FORMAT = "smoe_ops.UserProfile/1"
 # Padded pairs per chunk of the batched MAP fit: bounds its [users, pairs, K] temporaries.
 _CHUNK = 1 << 18
+# Trust region of one MAP Newton step, in logits: e^4 = 55x in expert weight per step.
+_MAX_STEP = 4.0
 
 
 @dataclass
@@ -183,14 +185,17 @@ def _map_objective(base, log_agree, mask, shift, prior_strength):
 
 
 def _newton_step(base, log_agree, mask, shift, prior_strength):
-    """[U, K] Levenberg-Marquardt step of the MAP objective for every user at once.
+    """[U, K] damped Newton step of the MAP objective for every user at once.
 
     Gradient sum_i (p_i - r_i) + prior b and Hessian sum_i [diag(p_i - r_i) - p_i p_i^T
     + r_i r_i^T] + prior I, with p_i the routing and r_i the posterior over experts of pair
     i. The per-user sums of outer products are batched [K, n] x [n, K] products: no
     [pairs, K, K] temporaries. The mixture likelihood is not concave, so the Hessian can be
-    indefinite: users whose Cholesky factorization fails get prior I added again (doubling)
-    until it succeeds, which turns their step toward the gradient direction.
+    indefinite or nearly singular, and a plain Newton step can then be huge and useless.
+    Each user's Hessian therefore gets damping d I, the smallest d in {0, prior, 2 prior,
+    4 prior, ...} that leaves every eigenvalue above prior / 2 (tested by a Cholesky
+    factorization of H + (d - prior / 2) I), and the step is then clipped to _MAX_STEP per
+    logit: a trust region the line search refines.
     """
     num_experts = base.shape[2]
     log_prob = F.log_softmax(base + shift[:, None], 2)
@@ -203,13 +208,17 @@ def _newton_step(base, log_agree, mask, shift, prior_strength):
     hessian = (torch.diag_embed(excess) - prob.transpose(1, 2) @ prob
                + posterior.transpose(1, 2) @ posterior + prior_strength * eye)
     damping = torch.zeros(len(shift), dtype=base.dtype)
-    for _attempt in range(30):
-        factor, info = torch.linalg.cholesky_ex(hessian + damping[:, None, None] * eye)
+    for _attempt in range(40):
+        _, info = torch.linalg.cholesky_ex(
+            hessian + (damping - 0.5 * prior_strength)[:, None, None] * eye)
         failed = info != 0
         if not bool(failed.any()):
             break
         damping = torch.where(failed, (2 * damping).clamp_min(prior_strength), damping)
-    return -torch.cholesky_solve(gradient[:, :, None], factor).squeeze(2)
+    factor, _ = torch.linalg.cholesky_ex(hessian + damping[:, None, None] * eye)
+    step = -torch.cholesky_solve(gradient[:, :, None], factor).squeeze(2)
+    largest = step.abs().amax(1, keepdim=True).clamp_min(_MAX_STEP)
+    return step * (_MAX_STEP / largest)
 
 
 def _fit_map_padded(base, log_agree, mask, prior_strength, steps):

@@ -1,4 +1,4 @@
-"""Test-time personalization (smoe_ops.reward.personalize): each method against its
+"""Test-time personalization (smoe_ops.reward.personalization): each method against its
 formula in float64, batched against one user at a time, the MAP optimum, recovery of a
 planted user type, scoring with a profile, profiles on disk, and bad input."""
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from smoe_ops.reward import PreferenceData, SparseMoERewardModel, synthetic
 from smoe_ops.reward.em import init_user_mixture
-from smoe_ops.reward.personalize import (
+from smoe_ops.reward.personalization import (
     UserProfile,
     all_expert_margins,
     personalize,
@@ -211,3 +211,28 @@ def test_bad_input():
     with pytest.raises(ValueError, match="absolute"):
         update(model, absolute, pairs(1))
     assert personalize_batch(model, pairs(4)).logits.shape == (1, 4)
+
+
+def test_map_moves_where_the_plain_newton_step_overshoots():
+    # Margins of a real held-out user (demo, seed 0) on a flat population prior: at b = 0
+    # the Hessian is nearly singular and the undamped Newton step is ~60 logits long, so
+    # halving it 4 times still raised the objective and the fit stopped at b = 0.
+    from smoe_ops.reward.personalization import _fit_map, _map_objective
+
+    margins = torch.tensor([[5.09, 4.61, -6.35, -0.72], [3.33, 2.97, -2.39, -0.84],
+                            [3.82, 3.14, -5.37, 6.32], [0.71, -3.17, 3.36, 2.45],
+                            [1.55, -0.18, 0.06, 1.08], [4.07, -2.94, 1.68, 1.41],
+                            [3.51, 0.07, 0.49, 2.24], [4.36, -0.87, -0.35, 1.66]])
+    base = torch.full((8, 4), -1.386)
+    rows = torch.zeros(8, dtype=torch.int64)
+    shift = _fit_map(base, margins, rows, 1, 0.5, 30)
+    padded = dict(base=base[None], log_agree=F.logsigmoid(margins)[None],
+                  mask=torch.ones(1, 8))
+    start = _map_objective(shift=torch.zeros(1, 4), prior_strength=0.5, **padded)
+    value = _map_objective(shift=shift, prior_strength=0.5, **padded)
+    assert float(value) < float(start) - 0.5
+    assert int(shift.argmax()) == 0  # expert 0 agrees with all 8 labels
+    trial = shift.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(
+        _map_objective(shift=trial, prior_strength=0.5, **padded).sum(), trial)
+    assert gradient.abs().max() < 1e-3
