@@ -204,7 +204,8 @@ def cmd_demo(args) -> int:
 
     result = run_demo(args.out, seed=args.seed, pairs=args.pairs,
                       train_users=args.train_users, held_out_users=args.held_out_users,
-                      resamples=args.resamples, cost_users=args.cost_users,
+                      resamples=args.resamples, cost_batch=args.cost_batch,
+                      cost_users=args.cost_users,
                       skip_cost=args.skip_cost)
     for name, table in result.tables.items():
         print(f"\n## {name}\n\n{table}", end="")
@@ -282,6 +283,8 @@ def _add_demo(commands) -> None:
     parser.add_argument("--held-out-users", type=int, default=100)
     parser.add_argument("--resamples", type=int, default=10,
                         help="adaptation sets per point of the few-shot curve")
+    parser.add_argument("--cost-batch", type=int, default=4096,
+                        help="pairs per scoring call in the cost table")
     parser.add_argument("--cost-users", type=int, default=10_000,
                         help="users personalized at once in the cost table")
     parser.add_argument("--skip-cost", action="store_true", help="no inference-cost table")

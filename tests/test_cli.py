@@ -126,3 +126,28 @@ def test_report_of_a_missing_model(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         cli.main(["report", "--model", str(tmp_path / "none.safetensors"), "--data",
                   str(tmp_path / "none.npz")])
+
+
+def test_demo_writes_every_artifact_and_prints_the_tables(tmp_path, capsys):
+    # A small demo (the real one is the README's main job): every act runs.
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--pairs", "2000", "--train-users", "40",
+            "--held-out-users", "12", "--resamples", "2", "--cost-batch", "64",
+            "--cost-users", "50"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    for heading in ("## prompt regions", "## few-shot personalization", "## inference cost"):
+        assert heading in printed
+    assert "| map |" in printed and "per-user oracle" in printed
+    for name in ("model.safetensors", "user_model.safetensors", "report.md", "report.json",
+                 "routing_heatmap.png", "expert_load.png", "demo.md", "demo.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(list((out / "profiles").glob("user_*.safetensors"))) == 3
+    summary = json.loads((out / "demo.json").read_text())
+    regions = summary["prompt_regions"]
+    # 2000 pairs are enough for the sparse MoE to beat the single head on conflicting
+    # clusters; the exact figures are the acceptance script's business.
+    assert regions["sparse_moe"] > regions["single_head"]
+    assert summary["user_types"]["shots"] == [0, 1, 2, 4, 8, 16]
+    assert summary["inference_cost"]["personalize_seconds"] > 0
+    assert load(out / "model.safetensors").num_experts == 8
