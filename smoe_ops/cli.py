@@ -15,9 +15,10 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from typing import Optional, Sequence
+
+from smoe_ops._io import write_atomically
 
 __all__ = ["main"]
 
@@ -26,19 +27,9 @@ DATA_SUFFIXES = (".npz", ".safetensors", ".jsonl")
 
 
 def _write_json(path: str, value) -> None:
-    """Write `value` as JSON atomically (temporary file in the same folder, then rename),
-    so an interrupted run never leaves a half-written file behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(value, file, indent=2, default=float)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    """Write `value` as JSON atomically, so an interrupted run never leaves a half-written
+    file behind."""
+    write_atomically(path, json.dumps(value, indent=2, default=float) + "\n")
 
 
 def _synthetic(kind: str, args):
@@ -159,16 +150,7 @@ def cmd_train(args) -> int:
 
 
 def _write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".md")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    write_atomically(path, text)
 
 
 def cmd_report(args) -> int:

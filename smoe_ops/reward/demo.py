@@ -22,8 +22,6 @@ bars but prints nothing (the CLI prints).
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict
@@ -31,6 +29,7 @@ from typing import Dict
 import torch
 from tqdm.auto import tqdm
 
+from smoe_ops._io import write_atomically
 from smoe_ops.reward.cost import personalization_seconds, profile_bytes, scoring_cost
 from smoe_ops.reward.losses import Regularizers
 from smoe_ops.reward.model import SparseMoERewardModel, single_head
@@ -65,19 +64,6 @@ class DemoResult:
     files: list
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def _table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -104,9 +90,9 @@ def _act_regions(out: Path, pairs: int, seed: int, files: list) -> tuple:
     files.append(out / "model.safetensors")
     save(model, files[-1])
     files.append(out / "report.md")
-    _write_text(files[-1], report.to_markdown())
+    write_atomically(files[-1], report.to_markdown())
     files.append(out / "report.json")
-    _write_text(files[-1], json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    write_atomically(files[-1], json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
     try:
         from smoe_ops.reward.plots import save_report_plots
 
@@ -234,8 +220,8 @@ def run_demo(out_dir, seed: int = 0, pairs: int = 20000, train_users: int = 200,
     text = "# smoe-ops demo\n\n" + "\n".join(f"## {name}\n\n{table}"
                                              for name, table in tables.items())
     files.append(out / "demo.md")
-    _write_text(files[-1], text)
+    write_atomically(files[-1], text)
     files.append(out / "demo.json")
-    _write_text(files[-1], json.dumps(summary, indent=2, default=float) + "\n")
+    write_atomically(files[-1], json.dumps(summary, indent=2, default=float) + "\n")
     logger.info("demo: %d files in %s after %.0f s", len(files), out, summary["seconds"])
     return DemoResult(tables, summary, [str(path) for path in files])

@@ -32,8 +32,6 @@ batch of [U, K] tensors (no Python loop over users) and returns {user_id: UserPr
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Union
 
@@ -43,6 +41,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
 import smoe_ops
+from smoe_ops._io import write_atomically
 from smoe_ops.reward.data import PreferenceData
 
 __all__ = [
@@ -97,7 +96,7 @@ class UserProfile:
             user_id=self.user_id, extra=self.extra))}
         payload = safetensors.torch.save({"logits": self.logits.float().contiguous()},
                                          metadata=metadata)
-        _write_atomically(path, payload)
+        write_atomically(path, payload)
 
     @classmethod
     def load(cls, path) -> "UserProfile":
@@ -117,21 +116,6 @@ class UserProfile:
                              f"{metadata.get('format')!r} and logits of shape "
                              f"{tuple(logits.shape)}; expected {_FORMAT!r} and [K]")
         return cls(logits, **fields)
-
-
-def _write_atomically(path, payload: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 @dataclass

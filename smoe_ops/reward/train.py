@@ -4,8 +4,6 @@ and checkpoints (`save` / `load`: one safetensors file, config as JSON in its he
 import copy
 import json
 import logging
-import os
-import tempfile
 import time
 from typing import Optional
 
@@ -14,6 +12,7 @@ import safetensors.torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from smoe_ops._io import write_atomically
 from smoe_ops.reward.data import PreferenceData
 from smoe_ops.reward.em import init_user_mixture
 from smoe_ops.reward.losses import (
@@ -212,18 +211,7 @@ def save(model: SparseMoERewardModel, path) -> None:
                model.state_dict().items()}
     payload = safetensors.torch.save(tensors, metadata={_FORMAT_KEY: _FORMAT,
                                       _CONFIG_KEY: json.dumps(model.config)})
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    write_atomically(path, payload)
 
 
 def load(path) -> SparseMoERewardModel:
