@@ -184,8 +184,9 @@ def user_types(
     proportional to `type_probs`, [num_types] non-negative: imbalanced types) and
     Dirichlet(1) weights over them (1: a pure type); its reward vector is that mixture of
     the unit-norm type vectors (with `conflict`, type 1 = -type 0, as in
-    `prompt_regions`). Contexts are N(0, I) for every user, responses N(0, I); labels are Bradley-Terry with the user's reward vector
-    and `temperature`, then flipped with probability `label_noise`. Pairs are grouped by
+    `prompt_regions`). Contexts are N(0, I) for every user, responses N(0, I); labels are
+    Bradley-Terry with the user's reward vector and `temperature`, then flipped with
+    probability `label_noise`. Pairs are grouped by
     user: user u owns rows u * pairs_per_user to (u + 1) * pairs_per_user.
     """
     if num_types < 1 or num_users < 0 or pairs_per_user < 0:
