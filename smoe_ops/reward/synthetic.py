@@ -186,8 +186,8 @@ def user_types(
     the unit-norm type vectors (with `conflict`, type 1 = -type 0, as in
     `prompt_regions`). Contexts are N(0, I) for every user, responses N(0, I); labels are
     Bradley-Terry with the user's reward vector and `temperature`, then flipped with
-    probability `label_noise`. Pairs are grouped by
-    user: user u owns rows u * pairs_per_user to (u + 1) * pairs_per_user.
+    probability `label_noise`. Pairs are grouped by user: user u owns rows
+    u * pairs_per_user to (u + 1) * pairs_per_user.
     """
     if num_types < 1 or num_users < 0 or pairs_per_user < 0:
         raise ValueError(
