@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#define SMOE_STR_(x) #x
-#define SMOE_STR(x) SMOE_STR_(x)
+#define SMOE_STR_(...) #__VA_ARGS__
+#define SMOE_STR(...) SMOE_STR_(__VA_ARGS__)
 
 namespace {
 
@@ -21,9 +21,11 @@ pybind11::dict build_info() {
   backends.push_back("cuda");
   // setup.py passes TORCH_CUDA_ARCH_LIST as a comma-separated list, e.g. 8.0,9.0.
   std::string archs = SMOE_STR(SMOE_OPS_CUDA_ARCHS);
-  for (size_t start = 0; start <= archs.size();) {
+  for (size_t start = 0; start < archs.size();) {
     size_t end = archs.find(',', start);
     if (end == std::string::npos) end = archs.size();
+    // Stringizing may put a space after each comma.
+    while (start < end && archs[start] == ' ') ++start;
     if (end > start) cuda_archs.push_back(archs.substr(start, end - start));
     start = end + 1;
   }
