@@ -81,6 +81,9 @@ cudaError_t grouped_mm(DType dtype, const void* a, const void* b, int64_t b_se, 
                        int64_t b_sm, const void* bias, const int64_t* offsets, int64_t N,
                        int64_t K, int64_t M, int64_t E, int32_t* workspace, void* out,
                        cudaStream_t stream);
+// The offsets check (and row-tile prefix into workspace) that grouped_mm runs first, alone.
+cudaError_t grouped_mm_check_offsets(const int64_t* offsets, int64_t N, int64_t E,
+                                     int32_t* workspace, cudaStream_t stream);
 // grad_w[e] = x[rows]^T @ grad_out[rows], [E, K, M]; zeros for an expert with no rows.
 cudaError_t grouped_mm_grad_w(DType dtype, const void* x, const void* grad_out,
                               const int64_t* offsets, int64_t N, int64_t K, int64_t M, int64_t E,
