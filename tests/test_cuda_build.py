@@ -121,3 +121,49 @@ def test_cuda_build_compiles_links_and_passes_the_cpu_op_tests():
             cmd += ["-k", selection]
         done = run(cmd, timeout=600, cwd=lib, env=env)
         assert done.returncode == 0, f"{name} against the CUDA build:\n" + tail(done)
+
+
+OLDEST_TORCH = "2.11.0"
+
+
+@pytest.mark.slow
+def test_cuda_glue_compiles_against_the_oldest_supported_torch():
+    """GPU machines often carry torch 2.11: the torch-facing C++ (csrc/cuda/*_ops.cpp and
+    bindings.cpp) must compile against its headers. The .cu kernels include no torch header.
+    The headers come from the torch 2.11 CUDA wheel (downloaded once into the CUDA venv's
+    folder, never installed); g++ -fsyntax-only in C++17, torch 2.11's dialect."""
+    import glob
+    import sysconfig
+    import zipfile
+
+    if find_nvcc() is None:
+        pytest.skip("no CUDA toolkit headers (nvcc not found)")
+    cuda_include = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(
+        find_nvcc()))), "include")
+    if not os.path.isfile(os.path.join(cuda_include, "cuda_runtime_api.h")):
+        cuda_include = "/usr/local/cuda/include"
+    cache = os.path.join(VENV, f"torch-{OLDEST_TORCH}-headers")
+    include = os.path.join(cache, "torch", "include")
+    if not os.path.isdir(include):
+        wheels = os.path.join(cache, "wheel")
+        done = run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels,
+                    f"torch=={OLDEST_TORCH}"], timeout=600)
+        found = glob.glob(os.path.join(wheels, "torch-*.whl"))
+        if done.returncode != 0 or not found:
+            pytest.skip(f"the torch {OLDEST_TORCH} wheel is not available to pip here")
+        with zipfile.ZipFile(found[0]) as wheel:
+            members = [m for m in wheel.namelist() if m.startswith("torch/include/")]
+            wheel.extractall(cache, members)
+        os.remove(found[0])
+    assert os.path.isdir(os.path.join(include, "c10", "cuda")), "not a CUDA build of torch"
+
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    sources.append(os.path.join(ROOT, "csrc", "bindings.cpp"))
+    flags = ["g++", "-std=c++17", "-fsyntax-only", "-DSMOE_OPS_WITH_CUDA",
+             "-DSMOE_OPS_CUDA_ARCHS=8.0,9.0", "-DSMOE_OPS_VERSION=0", "-DTORCH_EXTENSION_NAME=_C",
+             "-I" + os.path.join(ROOT, "csrc"), "-I" + include,
+             "-I" + os.path.join(include, "torch", "csrc", "api", "include"),
+             "-I" + cuda_include, "-I" + sysconfig.get_paths()["include"]]
+    for source in sources:
+        done = run(flags + [source], timeout=300)
+        assert done.returncode == 0, f"{source} vs torch {OLDEST_TORCH}:\n" + tail(done)
