@@ -76,7 +76,9 @@ at::Tensor acc_weights(const std::optional<at::Tensor>& weights, at::ScalarType 
   return weights->to(weight_dtype(dtype)).contiguous();
 }
 
-const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+const void* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr() : nullptr;
+}
 
 at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& inverse_in) {
   // validate

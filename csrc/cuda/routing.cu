@@ -24,6 +24,8 @@
 //   [T, num_groups] global workspace (lanes over groups), then the topk_groups-th best group
 //   is found the same way, and an expert is eligible when its group ranks at or above it.
 //   counts: one atomicAdd per chosen (t, j).
+//   TODO: a block per row (and keys cached in shared memory) for wide rows, where the k passes
+//   of one warp over E entries dominate: decide the threshold from gpu_check.sh's route rows.
 // router_losses: (1) a warp per row writes lse_t and H(p_t); (2) a thread per (column, chunk
 //   of rows) sums p_te (and lse^2, entropy as two extra columns) in float64 over its chunk;
 //   (3) a thread per column adds the chunks in order; (4) one block reduces balance and
