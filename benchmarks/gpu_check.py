@@ -16,7 +16,6 @@ Only this script prints; figures go to benchmarks/GPU_NOTES.md by hand, from its
 """
 
 import argparse
-import math
 import statistics
 import time
 
@@ -56,12 +55,15 @@ def cuda_time_ms(fn, reps=None, groups=5):
     return statistics.median(times)
 
 
+def copy_ceiling_gbs():
+    src = torch.empty(1 << 29, dtype=torch.float16, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = cuda_time_ms(lambda: dst.copy_(src), reps=10)
+    return 2 * src.numel() * src.element_size() / copy_ms / 1e6
+
+
 def ceilings():
-    x = torch.empty(1 << 29, dtype=torch.float16, device="cuda")  # 1 GiB
-    y = torch.empty_like(x)
-    copy_ms = cuda_time_ms(lambda: y.copy_(x), reps=10)
-    gbs = 2 * x.numel() * x.element_size() / copy_ms / 1e6
-    del x, y
+    gbs = copy_ceiling_gbs()
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -167,13 +169,11 @@ def bench_layer_ops(table, model, T, skew, gen, gmm):
               cuda_time_ms(lambda: reference.grouped_mm(xs, w_in, d.offsets)), theirs,
               flops=flops)
     gate_up = smoe_ops.grouped_mm(xs, w_in, d.offsets)
-    del w_in
     table.add("swiglu", model, T, routing, cuda_time_ms(lambda: smoe_ops.swiglu(gate_up)),
               cuda_time_ms(lambda: reference.swiglu(gate_up)), nbytes=N * 3 * I * 2)
 
     # Backward GEMMs of the up projection: grad_x (grouped rows) and grad_w (per expert).
     grad = torch.randn_like(gate_up)
-    w_in = (torch.randn(E, H, 2 * I, generator=gen, device="cuda") / H**0.5).bfloat16()
     op = torch.ops.smoe_ops.grouped_mm_backward
     table.add("grouped_mm dx", model, T, routing,
               cuda_time_ms(lambda: op(grad, xs, w_in, d.offsets, [True, False, False])),
@@ -181,7 +181,6 @@ def bench_layer_ops(table, model, T, skew, gen, gmm):
     table.add("grouped_mm dw", model, T, routing,
               cuda_time_ms(lambda: op(grad, xs, w_in, d.offsets, [False, True, False])),
               flops=flops)
-    del w_in, grad, gate_up
 
 
 def bench_moe_ffn(table, model, T, gen):

@@ -11,6 +11,8 @@ CUDA-parametrized cases skip there: no GPU). It skips only when the torch 2.14.1
 is missing.
 """
 
+import glob
+import json
 import os
 import shutil
 import subprocess
@@ -105,8 +107,6 @@ def test_cuda_build_compiles_links_and_passes_the_cpu_op_tests():
     )
     done = run([python, "-c", check], timeout=300, cwd=lib, env=env)
     assert done.returncode == 0, tail(done)
-    import json
-
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["file"].startswith(lib), report
     assert report["torch"].startswith("2.14.1") and report["cuda"], report
@@ -132,7 +132,6 @@ def test_cuda_glue_compiles_against_the_oldest_supported_torch():
     bindings.cpp) must compile against its headers. The .cu kernels include no torch header.
     The headers come from the torch 2.11 CUDA wheel (downloaded once into the CUDA venv's
     folder, never installed); g++ -fsyntax-only in C++17, torch 2.11's dialect."""
-    import glob
     import sysconfig
     import zipfile
 
