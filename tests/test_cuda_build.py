@@ -170,3 +170,23 @@ def test_cuda_glue_compiles_against_the_oldest_supported_torch():
     for source in [glue, os.path.join(ROOT, "csrc", "bindings.cpp")]:
         done = run(flags + [source], timeout=300)
         assert done.returncode == 0, f"{source} vs torch {OLDEST_TORCH}:\n" + tail(done)
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ("1", "SMOE_OPS_CUDA=1 but the CUDA kernels cannot be built: torch .* CPU-only build"),
+        ("yes", "SMOE_OPS_CUDA must be 0, 1 or unset, got 'yes'"),
+    ],
+)
+def test_forced_cuda_build_fails_loudly_without_cuda_torch(value, match):
+    import re
+
+    import torch
+
+    if value == "1" and torch.version.cuda is not None:
+        pytest.skip("this torch has CUDA: a forced build is possible here")
+    env = dict(os.environ, SMOE_OPS_CUDA=value)
+    done = run([sys.executable, "setup.py", "--name"], timeout=120, cwd=ROOT, env=env)
+    assert done.returncode != 0
+    assert re.search(match, done.stderr), done.stderr[-2000:]
