@@ -118,6 +118,8 @@ def cuda_build_plan() -> str | None:
         if mode == "1":
             raise SystemExit("SMOE_OPS_CUDA=1 but the CUDA kernels cannot be built: "
                              + "; ".join(problems))
+        if torch.version.cuda is not None:  # a CUDA torch without a toolkit: say why
+            print("smoe_ops: CUDA kernels not built: " + "; ".join(problems), file=sys.stderr)
         return None
     print(f"smoe_ops: building CUDA kernels with the toolkit at {home} (from {how})",
           file=sys.stderr)
