@@ -145,3 +145,53 @@ def test_second_device_if_present():
         pytest.skip("one CUDA device")
     x = torch.randn(64, 2 * 48, device="cuda:1")
     assert_close(smoe_ops.swiglu(x), reference.swiglu(x.double()), torch.float32)
+
+
+def opcheck_cases():
+    """(op, args) for every op on CUDA, small shapes; the last case of each op has no rows."""
+    g = torch.Generator().manual_seed(0)
+    dev = dict(device="cuda")
+    cases = []
+    for T, E, k, groups in [(9, 7, 3, 1), (17, 64, 8, 8), (0, 8, 2, 1)]:
+        logits = torch.randn(T, E, generator=g).to(**dev).requires_grad_()
+        bias = torch.randn(E, generator=g).to(**dev) if groups > 1 else None
+        args = (logits, k, "sigmoid" if groups > 1 else "softmax", True, bias, groups,
+                max(1, groups // 2), 1.0)
+        cases.append(("route", args))
+        r = torch.ops.smoe_ops.route(*args)
+        grad_w = torch.randn(T, k, generator=g).to(**dev)
+        cases.append(("route_backward", (grad_w, logits.detach(), r[1], args[2], True, 1.0)))
+        cases.append(("router_losses", (logits, r[2], k)))
+        losses, mean_probs = torch.ops.smoe_ops.router_losses(logits.detach(), r[2], k)
+        if T > 0:
+            cases.append(("router_losses_backward",
+                          (torch.randn(4, generator=g).to(**dev), logits.detach(), r[2], k,
+                           mean_probs)))
+        d = torch.ops.smoe_ops.dispatch(r[1], E)
+        cases.append(("dispatch", (r[1], E)))
+        H = 24
+        x = torch.randn(T, H, generator=g).to(**dev).requires_grad_()
+        ys = torch.randn(T * k, H, generator=g).to(**dev).requires_grad_()
+        weights = torch.rand(T, k, generator=g).to(**dev).requires_grad_()
+        cases.append(("permute", (x, d[2])))
+        cases.append(("unpermute", (ys, d[2], weights)))
+        cases.append(("unpermute_backward",
+                      (torch.randn(T, H, generator=g).to(**dev), ys.detach(), d[2],
+                       weights.detach(), True)))
+        w = torch.randn(E, H, 40, generator=g).to(**dev).requires_grad_()
+        b = torch.randn(E, 40, generator=g).to(**dev).requires_grad_()
+        cases.append(("grouped_mm", (ys, w, d[1], b)))
+        cases.append(("grouped_mm_backward",
+                      (torch.randn(T * k, 40, generator=g).to(**dev), ys.detach(), w.detach(),
+                       d[1], [True, True, True])))
+        gate_up = torch.randn(T, 2 * 20, generator=g).to(**dev).requires_grad_()
+        cases.append(("swiglu", (gate_up,)))
+        cases.append(("swiglu_backward", (torch.randn(T, 20, generator=g).to(**dev),
+                                          gate_up.detach())))
+    return cases
+
+
+def test_opcheck_every_op_on_cuda():
+    # Schemas, fake kernels and autograd registration agree with the CUDA kernels.
+    for name, args in opcheck_cases():
+        torch.library.opcheck(getattr(torch.ops.smoe_ops, name).default, args)
