@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#define SMOE_STR_(x) #x
-#define SMOE_STR(x) SMOE_STR_(x)
+#define SMOE_STR_(...) #__VA_ARGS__
+#define SMOE_STR(...) SMOE_STR_(__VA_ARGS__)
 
 namespace {
 
@@ -16,8 +16,22 @@ pybind11::dict build_info() {
   pybind11::dict info;
   info["version"] = std::string(SMOE_STR(SMOE_OPS_VERSION));
   std::vector<std::string> backends{"cpu"};
+  std::vector<std::string> cuda_archs;
+#ifdef SMOE_OPS_WITH_CUDA
+  backends.push_back("cuda");
+  // setup.py passes TORCH_CUDA_ARCH_LIST as a comma-separated list, e.g. 8.0,9.0.
+  std::string archs = SMOE_STR(SMOE_OPS_CUDA_ARCHS);
+  for (size_t start = 0; start < archs.size();) {
+    size_t end = archs.find(',', start);
+    if (end == std::string::npos) end = archs.size();
+    // Stringizing may put a space after each comma.
+    while (start < end && archs[start] == ' ') ++start;
+    if (end > start) cuda_archs.push_back(archs.substr(start, end - start));
+    start = end + 1;
+  }
+#endif
   info["backends"] = backends;
-  info["cuda_archs"] = std::vector<std::string>{};
+  info["cuda_archs"] = cuda_archs;
 #ifdef _OPENMP
   info["openmp"] = true;
 #else

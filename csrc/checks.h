@@ -28,6 +28,18 @@ inline void check_cpu(const char* op, const char* name, const at::Tensor& t) {
                     "got device ", t.device());
 }
 
+inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cuda(), op, ": ", name, " must be on a CUDA device for this ",
+                    "kernel, got device ", t.device());
+}
+
+// Every tensor argument of a CUDA op lives on the device of its first one.
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                              const char* other_name, const at::Tensor& other) {
+  TORCH_CHECK_VALUE(t.device() == other.device(), op, ": ", name, " must be on the device of ",
+                    other_name, " (", other.device(), "), got device ", t.device());
+}
+
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
   auto st = t.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 ||

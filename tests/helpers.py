@@ -21,6 +21,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, scale
     """
     dtype = dtype or actual.dtype
     rtol, atol = TOLERANCES[dtype]
+    # Kernels may run on a GPU; references run on the CPU.
     torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=rtol * scale, atol=atol * scale, msg=msg or None
+        actual.double().cpu(), expected.double().cpu(), rtol=rtol * scale, atol=atol * scale,
+        msg=msg or None,
     )
+
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor, msg=""):
+    """Exact equality (index outputs), across devices."""
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=0, atol=0, msg=msg or None)

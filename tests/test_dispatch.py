@@ -39,7 +39,7 @@ def assert_same_dispatch(actual, expected):
     for name in ("order", "offsets", "inverse"):
         a, e = getattr(actual, name), getattr(expected, name)
         assert a.dtype == e.dtype and a.shape == e.shape, name
-        assert torch.equal(a, e), name
+        assert torch.equal(a.cpu(), e.cpu()), name
 
 
 def assert_dispatch_invariants(ids, num_experts, d):
@@ -65,18 +65,23 @@ def assert_dispatch_invariants(ids, num_experts, d):
 
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("distinct", [True, False])
-def test_dispatch_matches_reference(routing, distinct):
+def test_dispatch_matches_reference(routing, distinct, device):
     num_tokens, topk, num_experts = routing
     ids = routed_ids(num_tokens, topk, num_experts, distinct)
-    d = smoe_ops.dispatch(ids, num_experts)
+    d = smoe_ops.dispatch(ids.to(device), num_experts)
     assert isinstance(d, smoe_ops.Dispatch)
+    assert d.offsets.device == ids.to(device).device  # offsets stay where the ids are
+    # A stable sort has one answer: the CUDA kernel's equals the CPU kernel's exactly.
+    assert_same_dispatch(d, smoe_ops.dispatch(ids, num_experts))
+    d = type(d)(*(t.cpu() for t in d))
     assert_same_dispatch(d, reference.dispatch(ids, num_experts))
     assert_dispatch_invariants(ids, num_experts, d)
 
 
-def test_dispatch_int64_and_non_contiguous_ids():
+def test_dispatch_int64_and_non_contiguous_ids(device):
     ids = routed_ids(40, 3, 9, distinct=False, dtype=torch.int64)
     expected = reference.dispatch(ids, 9)
+    ids = ids.to(device)
     assert_same_dispatch(smoe_ops.dispatch(ids, 9), expected)
     # Transposed storage: the kernel must read ids in (t, j) order, not memory order.
     ids_t = ids.t().contiguous().t()
@@ -84,14 +89,14 @@ def test_dispatch_int64_and_non_contiguous_ids():
     assert_same_dispatch(smoe_ops.dispatch(ids_t.int(), 9), expected)
 
 
-def test_dispatch_skewed_and_empty_experts():
+def test_dispatch_skewed_and_empty_experts(device):
     # Every token on expert 5 of 8 (k = 1); experts 0-4 and 6-7 get nothing.
-    ids = torch.full((100, 1), 5, dtype=torch.int32)
+    ids = torch.full((100, 1), 5, dtype=torch.int32, device=device)
     d = smoe_ops.dispatch(ids, 8)
-    assert torch.equal(d.order, torch.arange(100, dtype=torch.int32))
+    assert torch.equal(d.order.cpu(), torch.arange(100, dtype=torch.int32))
     assert d.offsets.tolist() == [0, 0, 0, 0, 0, 0, 100, 100, 100]
     # Repeated ids in a row: both slots of a token land on the same expert, in slot order.
-    ids = torch.tensor([[3, 3], [0, 3]], dtype=torch.int32)
+    ids = torch.tensor([[3, 3], [0, 3]], dtype=torch.int32, device=device)
     d = smoe_ops.dispatch(ids, 4)
     assert d.order.tolist() == [2, 0, 1, 3]
     assert d.offsets.tolist() == [0, 1, 1, 1, 4]
@@ -163,15 +168,17 @@ ROW_SHAPES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ROW_SHAPES)
-def test_permute_unpermute_forward_backward_match_reference(shape, dtype):
+def test_permute_unpermute_forward_backward_match_reference(shape, dtype, device):
     num_tokens, topk, num_experts, hidden = shape
     torch.manual_seed(0)
     ids = routed_ids(num_tokens, topk, num_experts)
-    d = smoe_ops.dispatch(ids, num_experts)
+    d_cpu = smoe_ops.dispatch(ids, num_experts)
+    d = smoe_ops.dispatch(ids.to(device), num_experts)
     weight_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    x = torch.randn(num_tokens, hidden, dtype=torch.float64).to(dtype).requires_grad_()
-    ys = torch.randn(num_tokens * topk, hidden, dtype=torch.float64).to(dtype).requires_grad_()
-    weights = torch.rand(num_tokens, topk, dtype=weight_dtype).requires_grad_()
+    on = dict(device=device, dtype=dtype)
+    x = torch.randn(num_tokens, hidden, dtype=torch.float64).to(**on).requires_grad_()
+    ys = torch.randn(num_tokens * topk, hidden, dtype=torch.float64).to(**on).requires_grad_()
+    weights = torch.rand(num_tokens, topk, dtype=weight_dtype).to(device).requires_grad_()
 
     xs = smoe_ops.permute(x, d)
     y = smoe_ops.unpermute(ys, d, weights)
@@ -179,16 +186,16 @@ def test_permute_unpermute_forward_backward_match_reference(shape, dtype):
     assert y.dtype == dtype and y.shape == (num_tokens, hidden)
 
     # The reference sees the same rounded inputs, in float64.
-    x64, ys64, w64 = (t.detach().double().requires_grad_() for t in (x, ys, weights))
-    xs64 = reference.permute(x64, d)
-    y64 = reference.unpermute(ys64, d, w64)
-    assert torch.equal(xs.double(), xs64)  # a copy: exact
+    x64, ys64, w64 = (t.detach().cpu().double().requires_grad_() for t in (x, ys, weights))
+    xs64 = reference.permute(x64, d_cpu)
+    y64 = reference.unpermute(ys64, d_cpu, w64)
+    assert torch.equal(xs.double().cpu(), xs64)  # a copy: exact
     assert_close(y, y64, dtype)
 
     grad_xs = torch.randn_like(xs64)
     grad_y = torch.randn_like(y64)
-    (xs.double() * grad_xs.to(dtype)).sum().backward()
-    (y.double() * grad_y.to(dtype)).sum().backward()
+    (xs.double() * grad_xs.to(**on)).sum().backward()
+    (y.double() * grad_y.to(**on)).sum().backward()
     (xs64 * grad_xs.to(dtype).double()).sum().backward()
     (y64 * grad_y.to(dtype).double()).sum().backward()
     assert_close(x.grad, x64.grad, dtype)

@@ -52,12 +52,13 @@ def make_inputs(num_rows, in_features, out_features, counts, dtype, bias=True, s
     return ours, ref, offsets_of(counts)
 
 
-def check_against_reference(ours, ref, offsets, dtype):
-    x, w, b, grad = ours
+def check_against_reference(ours, ref, offsets, dtype, device="cpu"):
+    """ours run on `device` (offsets too); the float64 reference on the CPU."""
+    x, w, b, grad = (t.to(device) if t is not None else None for t in ours)
     x_ref, w_ref, b_ref, grad_ref = ref
     leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
     ref_leaves = [t.requires_grad_() for t in (x_ref, w_ref, b_ref) if t is not None]
-    out = smoe_ops.grouped_mm(x, w, offsets, b)
+    out = smoe_ops.grouped_mm(x, w, offsets.to(device), b)
     expected = reference.grouped_mm(x_ref, w_ref, offsets, b_ref)
     assert out.dtype == dtype and out.shape == expected.shape
     num_rows, in_features = x.shape
@@ -94,13 +95,13 @@ EXPERT_COUNTS = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_experts", EXPERT_COUNTS)
 @pytest.mark.parametrize("routing", ["random", "one"])
-def test_matches_reference(num_experts, routing, dtype):
+def test_matches_reference(num_experts, routing, dtype, device):
     gen = torch.Generator().manual_seed(num_experts)
     num_rows = 3 * num_experts + 5
     counts = random_counts(num_rows, num_experts, routing, gen)
     # Bias on one routing pattern only: both code paths, half the cases.
     ours, ref, offsets = make_inputs(num_rows, 24, 40, counts, dtype, bias=routing == "random")
-    check_against_reference(ours, ref, offsets, dtype)
+    check_against_reference(ours, ref, offsets, dtype, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -111,11 +112,12 @@ def test_matches_reference(num_experts, routing, dtype):
         [0, 1024, 0],  # every row on one expert: all tiles come from a single GEMM
     ],
 )
-def test_larger_shapes_split_into_tiles(counts, dtype):
+def test_larger_shapes_split_into_tiles(counts, dtype, device):
     # 1024 rows on 2+ threads: 64-row tiles or more, and grad_w blocks narrower than M
-    # (strided output views for MKL and oneDNN).
+    # (strided output views for MKL and oneDNN). On CUDA: many 64 x 64 tiles, edge tiles in
+    # both dimensions (700 and 321 rows), and long grad_w reductions.
     ours, ref, offsets = make_inputs(sum(counts), 160, 320, counts, dtype)
-    check_against_reference(ours, ref, offsets, dtype)
+    check_against_reference(ours, ref, offsets, dtype, device)
 
 
 def test_single_thread():
@@ -184,7 +186,7 @@ def test_reduced_precision_rounds_once(dtype):
     assert (out != exact.to(dtype)).double().mean() < 0.01
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(device):
     counts = [5, 0, 9, 3]
     ours, ref, offsets = make_inputs(17, 12, 10, counts, torch.float64)
     x, w, b, grad = ours
@@ -195,14 +197,16 @@ def test_non_contiguous_inputs():
     b_nc = torch.stack([b, b], dim=2)[..., 0]
     grad_nc = torch.stack([grad, grad], dim=2)[..., 1]
     assert not any(t.is_contiguous() for t in (x_nc, w_nc, b_nc, grad_nc))
-    check_against_reference([x_nc, w_nc, b_nc, grad_nc], ref, offsets, torch.float64)
+    check_against_reference([x_nc, w_nc, b_nc, grad_nc], ref, offsets, torch.float64, device)
 
 
-def test_weights_with_general_strides():
-    # w[:, ::2, :] is neither row- nor column-major per expert: copied once, then multiplied.
+def test_weights_with_general_strides(device):
+    # w[:, ::2, :] is neither row- nor column-major per expert: copied once, then multiplied
+    # (on CUDA: read through its strides).
     ours, ref, offsets = make_inputs(11, 8, 6, [4, 7], torch.float64)
+    ours = [t.to(device) for t in ours]
     w_wide = torch.repeat_interleave(ours[1], 2, dim=1)
-    out = smoe_ops.grouped_mm(ours[0], w_wide[:, ::2, :], offsets, ours[2])
+    out = smoe_ops.grouped_mm(ours[0], w_wide[:, ::2, :], offsets.to(device), ours[2])
     assert_close(out, reference.grouped_mm(ref[0], ref[1], offsets, ref[2]))
 
 

@@ -17,14 +17,15 @@ def make_layer(num_tokens, hidden, ffn, num_experts, dtype=torch.float64, seed=0
     return [t.requires_grad_() for t in (x, router, w_in, w_out)]
 
 
-def run_both(params, k, **route_options):
-    ours_in = [p.detach().clone().requires_grad_() for p in params]
+def run_both(params, k, device="cpu", **route_options):
+    """The layer on `device` and the reference loop on the CPU, forward and backward."""
+    ours_in = [p.detach().to(device).clone().requires_grad_() for p in params]
     ref_in = [p.detach().double().requires_grad_() for p in params]
     y, aux = smoe_ops.moe_ffn(*ours_in, k, **route_options)
     y_ref, aux_ref = reference.moe_ffn(*ref_in, k, **route_options)
     # One loss that touches the output and every routing loss, so every gradient path runs.
     grad = torch.randn_like(y_ref)
-    loss = (y * grad.to(y.dtype)).sum() + sum(aux)
+    loss = (y * grad.to(device=y.device, dtype=y.dtype)).sum() + sum(aux)
     loss_ref = (y_ref * grad).sum() + sum(aux_ref)
     loss.backward()
     loss_ref.backward()
@@ -41,9 +42,9 @@ def run_both(params, k, **route_options):
         (40, 60, 4),  # more experts than tokens can fill: empty experts
     ],
 )
-def test_matches_reference_in_float64(num_tokens, num_experts, k):
+def test_matches_reference_in_float64(num_tokens, num_experts, k, device):
     params = make_layer(num_tokens, 16, 12, num_experts)
-    (y, aux, ours_in), (y_ref, aux_ref, ref_in) = run_both(params, k)
+    (y, aux, ours_in), (y_ref, aux_ref, ref_in) = run_both(params, k, device)
     assert_close(y, y_ref, torch.float64)
     for name, a, b in zip(aux._fields, aux, aux_ref):
         assert_close(a, b, torch.float64, msg=name)
@@ -53,28 +54,28 @@ def test_matches_reference_in_float64(num_tokens, num_experts, k):
         assert_close(a.grad, expected, torch.float64, msg=f"grad of {name}")
 
 
-def test_all_tokens_on_one_expert():
+def test_all_tokens_on_one_expert(device):
     params = make_layer(50, 16, 8, 8)
     with torch.no_grad():
         params[1][:, 3] += 1e3 * torch.sign(params[0].sum(0))  # expert 3 dominates every row
-    (y, _, ours_in), (y_ref, _, ref_in) = run_both(params, 1)
+    (y, _, ours_in), (y_ref, _, ref_in) = run_both(params, 1, device)
     assert_close(y, y_ref, torch.float64)
     assert_close(ours_in[2].grad, ref_in[2].grad, torch.float64)
 
 
-def test_sigmoid_group_limited_routing_options_pass_through():
+def test_sigmoid_group_limited_routing_options_pass_through(device):
     params = make_layer(24, 16, 8, 16)
     options = dict(score="sigmoid", num_groups=4, topk_groups=2, scale=2.0)
-    (y, _, ours_in), (y_ref, _, ref_in) = run_both(params, 4, **options)
+    (y, _, ours_in), (y_ref, _, ref_in) = run_both(params, 4, device, **options)
     assert_close(y, y_ref, torch.float64)
     assert_close(ours_in[1].grad, ref_in[1].grad, torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reduced_precision_close_to_float64(dtype):
+def test_reduced_precision_close_to_float64(dtype, device):
     params = make_layer(64, 32, 16, 8, dtype=torch.float64)
     low = [p.detach().to(dtype) for p in params]
-    y, _ = smoe_ops.moe_ffn(*low, 2)
+    y, _ = smoe_ops.moe_ffn(*[p.to(device) for p in low], 2)
     y_ref, _ = reference.moe_ffn(*[p.double() for p in low], 2)
     assert y.dtype == dtype
     assert_close(y, y_ref, dtype, scale=4)  # two GEMMs and an activation, each rounded

@@ -11,7 +11,7 @@ import torch
 
 import smoe_ops
 from smoe_ops import reference
-from tests.helpers import DTYPES, assert_close
+from tests.helpers import DTYPES, assert_close, assert_equal
 
 SPACING = 1 / 64  # logit spacing: exact in bfloat16 for |logit| <= 2, and far above rounding
 
@@ -65,29 +65,36 @@ VARIANTS = [
 
 
 def check_against_reference(
-    logits, k, score, renormalize, bias, num_groups, topk_groups, scale
+    logits, k, score, renormalize, bias, num_groups, topk_groups, scale, device="cpu"
 ):
-    """Forward and backward of smoe_ops.route against the reference on the same inputs."""
-    logits = logits.detach().requires_grad_()
+    """Forward and backward of smoe_ops.route on `device` against the reference (on the CPU)
+    on the same inputs; off the CPU, ids and counts must also equal the CPU kernel's."""
+    logits = logits.detach().to(device).requires_grad_()
     args = (k, score, renormalize, bias, num_groups, topk_groups, scale)
-    out = smoe_ops.route(logits, *args)
-    ref_logits = logits.detach().double().requires_grad_()
+    device_bias = bias.to(device) if bias is not None else None
+    out = smoe_ops.route(logits, k, score, renormalize, device_bias, num_groups, topk_groups,
+                         scale)
+    ref_logits = logits.detach().cpu().double().requires_grad_()
     ref = reference.route(ref_logits, *args)
+    if logits.device.type != "cpu":
+        on_cpu = smoe_ops.route(logits.detach().cpu(), *args)
+        assert_equal(out.ids, on_cpu.ids, msg="ids vs the CPU kernel")
+        assert_equal(out.counts, on_cpu.counts, msg="counts vs the CPU kernel")
 
     num_tokens, num_experts = logits.shape
     weight_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     assert out.weights.dtype == weight_dtype and out.weights.shape == (num_tokens, k)
     assert out.ids.dtype == torch.int32 and out.counts.dtype == torch.int32
-    torch.testing.assert_close(out.ids, ref.ids, rtol=0, atol=0)
-    torch.testing.assert_close(out.counts, ref.counts, rtol=0, atol=0)
+    assert_equal(out.ids, ref.ids)
+    assert_equal(out.counts, ref.counts)
     bincount = torch.bincount(out.ids.flatten().long(), minlength=num_experts)
-    torch.testing.assert_close(out.counts, bincount.int(), rtol=0, atol=0)
+    assert_equal(out.counts, bincount.int())
     # Weights come from the rounded inputs in float32 (float64): the weight dtype's tolerance.
     assert_close(out.weights, ref.weights, weight_dtype)
 
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(num_tokens, k, dtype=torch.float64, generator=gen)
-    out.weights.backward(grad.to(weight_dtype))
+    out.weights.backward(grad.to(device=logits.device, dtype=weight_dtype))
     ref.weights.backward(grad)
     assert logits.grad.dtype == logits.dtype
     assert_close(logits.grad, ref_logits.grad, logits.dtype)
@@ -97,13 +104,13 @@ def check_against_reference(
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-renorm{v[1]}-bias{v[2]}")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-E{}-k{}-g{}-{}".format(*c))
-def test_matches_reference(case, dtype, variant):
+def test_matches_reference(case, dtype, variant, device):
     num_tokens, num_experts, k, num_groups, topk_groups = case
     score, renormalize, with_bias, scale = variant
     logits = distinct_logits(num_tokens, num_experts, dtype)
     bias = integer_bias(num_experts) if with_bias else None
     check_against_reference(
-        logits, k, score, renormalize, bias, num_groups, topk_groups, scale
+        logits, k, score, renormalize, bias, num_groups, topk_groups, scale, device
     )
 
 
@@ -128,40 +135,42 @@ def test_bias_selects_but_never_weights():
 
 
 @pytest.mark.parametrize("num_experts, k", [(8, 3), (60, 8), (128, 17), (600, 4)])
-def test_all_equal_rows_choose_the_lowest_ids(num_experts, k):
+def test_all_equal_rows_choose_the_lowest_ids(num_experts, k, device):
     # Every key ties: the bound keeps all of them (E = 600: the sorting path).
-    logits = torch.zeros(5, num_experts)
+    logits = torch.zeros(5, num_experts, device=device)
     out = smoe_ops.route(logits, k)
     expected = torch.arange(k, dtype=torch.int32).expand(5, k)
-    torch.testing.assert_close(out.ids, expected, rtol=0, atol=0)
+    assert_equal(out.ids, expected)
     assert_close(out.weights, torch.full((5, k), 1.0 / k), torch.float32)
 
 
-def test_ties_in_groups_go_to_the_lowest_group_and_expert():
-    logits = torch.zeros(3, 64)
+def test_ties_in_groups_go_to_the_lowest_group_and_expert(device):
+    logits = torch.zeros(3, 64, device=device)
     out = smoe_ops.route(logits, 6, num_groups=8, topk_groups=3)
-    torch.testing.assert_close(out.ids, torch.arange(6, dtype=torch.int32).expand(3, 6))
+    assert_equal(out.ids, torch.arange(6, dtype=torch.int32).expand(3, 6))
     # Tied groups: group 5 and 1 share the best pair of keys; the lower group id goes first.
     logits[:, 5 * 8 + 2] = logits[:, 1 * 8 + 6] = 1.0
     out = smoe_ops.route(logits, 2, num_groups=8, topk_groups=1)
-    torch.testing.assert_close(out.ids, torch.tensor([[14, 8]] * 3, dtype=torch.int32))
+    assert_equal(out.ids, torch.tensor([[14, 8]] * 3, dtype=torch.int32))
 
 
-def test_ties_with_bias():
+def test_ties_with_bias(device):
     # Zero logits plus a bias of 1 on odd experts: odd ids first, ascending, then even ones.
     bias = torch.tensor([0.0, 1.0] * 8)
-    out = smoe_ops.route(torch.zeros(2, 16), 10, expert_bias=bias)
+    out = smoe_ops.route(torch.zeros(2, 16, device=device), 10, expert_bias=bias.to(device))
     expected = torch.tensor([1, 3, 5, 7, 9, 11, 13, 15, 0, 2], dtype=torch.int32)
-    torch.testing.assert_close(out.ids, expected.expand(2, 10), rtol=0, atol=0)
-    check_against_reference(torch.zeros(2, 16), 10, "softmax", True, bias, None, None, 1.0)
+    assert_equal(out.ids, expected.expand(2, 10))
+    check_against_reference(torch.zeros(2, 16), 10, "softmax", True, bias, None, None, 1.0,
+                            device)
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
-def test_nan_rows_propagate_with_valid_ids(score):
+def test_nan_rows_propagate_with_valid_ids(score, device):
     logits = distinct_logits(4, 32, torch.float32)
     logits[1, 5] = float("nan")  # one NaN logit
     logits[2] = float("nan")  # a whole NaN row
-    out = smoe_ops.route(logits, 4, score=score)
+    out = smoe_ops.route(logits.to(device), 4, score=score)
+    out = type(out)(*(t.cpu() for t in out))
     ref = reference.route(logits.double(), 4, score=score)
     torch.testing.assert_close(out.ids, ref.ids, rtol=0, atol=0)
     assert torch.equal(out.weights.isnan(), ref.weights.isnan())
@@ -178,18 +187,18 @@ def test_nan_rows_propagate_with_valid_ids(score):
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
-def test_neg_inf_logits(score):
+def test_neg_inf_logits(score, device):
     # Three finite logits and k = 5: two -inf experts must be taken, lowest ids, weight 0.
     logits = torch.full((2, 12), float("-inf"))
     logits[:, [2, 7, 9]] = torch.tensor([0.5, -0.25, 1.0])
-    out = check_against_reference(logits, 5, score, True, None, None, None, 1.0)
-    torch.testing.assert_close(out.ids[0], torch.tensor([9, 2, 7, 0, 1], dtype=torch.int32))
+    out = check_against_reference(logits, 5, score, True, None, None, None, 1.0, device)
+    assert_equal(out.ids[0], torch.tensor([9, 2, 7, 0, 1], dtype=torch.int32))
     assert (out.weights[:, 3:] == 0).all()
 
 
-def test_all_underflow_sigmoid_row_stays_zero():
+def test_all_underflow_sigmoid_row_stays_zero(device):
     # Every score underflows: the renormalizing sum is clamped, weights are 0, not 0 / 0.
-    logits = torch.full((2, 8), -200.0)
+    logits = torch.full((2, 8), -200.0, device=device)
     out = smoe_ops.route(logits, 2, score="sigmoid")
     assert (out.weights == 0).all()
     logits.requires_grad_()
@@ -197,21 +206,21 @@ def test_all_underflow_sigmoid_row_stays_zero():
     assert (logits.grad == 0).all()
 
 
-def test_all_tokens_on_one_expert():
+def test_all_tokens_on_one_expert(device):
     # Expert 5 dominates every token: counts concentrate, every other expert is empty.
     logits = distinct_logits(300, 16, torch.float32)
     logits[:, 5] += 10
-    out = check_against_reference(logits, 1, "softmax", True, None, None, None, 1.0)
+    out = check_against_reference(logits, 1, "softmax", True, None, None, None, 1.0, device)
     expected = torch.zeros(16, dtype=torch.int32)
     expected[5] = 300
-    torch.testing.assert_close(out.counts, expected, rtol=0, atol=0)
+    assert_equal(out.counts, expected)
 
 
-def test_no_tokens():
-    logits = torch.empty(0, 12, requires_grad=True)
+def test_no_tokens(device):
+    logits = torch.empty(0, 12, device=device, requires_grad=True)
     out = smoe_ops.route(logits, 3, num_groups=4, topk_groups=2)
     assert out.weights.shape == (0, 3) and out.ids.shape == (0, 3)
-    torch.testing.assert_close(out.counts, torch.zeros(12, dtype=torch.int32))
+    assert_equal(out.counts, torch.zeros(12, dtype=torch.int32))
     out.weights.sum().backward()
     assert logits.grad.shape == (0, 12)
 

@@ -24,13 +24,14 @@ def random_logits(num_tokens, num_experts, dtype, seed=0, scale=3.0):
     return logits.to(dtype)
 
 
-def check_against_reference(logits, k, score="softmax"):
-    """Forward and backward of smoe_ops.router_losses against the reference, same inputs."""
-    logits = logits.detach().requires_grad_()
-    ref_logits = logits.detach().double().requires_grad_()
+def check_against_reference(logits, k, score="softmax", device="cpu"):
+    """Forward and backward of smoe_ops.router_losses on `device` against the reference (on
+    the CPU), same inputs."""
+    logits = logits.detach().to(device).requires_grad_()
+    ref_logits = logits.detach().cpu().double().requires_grad_()
     routed = smoe_ops.route(logits.detach(), k, score=score)
     losses = smoe_ops.router_losses(logits, routed)
-    ref = reference.router_losses(ref_logits, routed)
+    ref = reference.router_losses(ref_logits, type(routed)(*(t.cpu() for t in routed)))
 
     loss_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     assert isinstance(losses, smoe_ops.RouterLosses)
@@ -41,7 +42,7 @@ def check_against_reference(logits, k, score="softmax"):
 
     gen = torch.Generator().manual_seed(1)
     grad = torch.randn(4, dtype=torch.float64, generator=gen)
-    torch.autograd.backward(list(losses), list(grad.to(loss_dtype)))
+    torch.autograd.backward(list(losses), list(grad.to(device=logits.device, dtype=loss_dtype)))
     torch.autograd.backward(list(ref), list(grad))
     assert logits.grad.dtype == logits.dtype
     assert_close(logits.grad, ref_logits.grad, logits.dtype)
@@ -50,9 +51,9 @@ def check_against_reference(logits, k, score="softmax"):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-E{}-k{}".format(*s))
-def test_matches_reference(shape, dtype):
+def test_matches_reference(shape, dtype, device):
     num_tokens, num_experts, k = shape
-    check_against_reference(random_logits(num_tokens, num_experts, dtype), k)
+    check_against_reference(random_logits(num_tokens, num_experts, dtype), k, device=device)
 
 
 def test_counts_of_a_sigmoid_router():

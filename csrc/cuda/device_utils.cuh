@@ -1,0 +1,103 @@
+// Device helpers shared by the kernel files: element types and their float conversions, warp
+// reductions, the dtype switch, and the trap that reports bad input found on the device.
+// Plain CUDA: no ATen header (see kernels.h).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <type_traits>
+
+#include "cuda/kernels.h"
+
+namespace smoe {
+namespace cuda {
+
+// Accumulation type: float64 stays float64, everything else computes in float32.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+__device__ __forceinline__ acc_t<T> to_acc(T v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(v);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(v);
+  } else {
+    return v;
+  }
+}
+
+// Rounds once, to nearest even (as torch's own casts do).
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(v);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else {
+    return v;
+  }
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Max that skips NaN (fmax semantics), as the CPU kernels' `x > m ? x : m` does.
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// Calls f(T{}) with T the element type of dtype.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(float{});
+    case DType::kFloat64:
+      return f(double{});
+    case DType::kBFloat16:
+      return f(__nv_bfloat16{});
+    case DType::kFloat16:
+      return f(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Bad input that only the device can see (it would take a host sync to read it back): print
+// what was wrong and stop the kernel. As with torch's own device-side index checks, the CUDA
+// context is then unusable and the next CUDA call raises; the printed line names the op, the
+// argument, the value and the expected range.
+#define SMOE_DEVICE_CHECK(cond, ...) \
+  do {                               \
+    if (!(cond)) {                   \
+      printf(__VA_ARGS__);           \
+      __trap();                      \
+    }                                \
+  } while (0)
+
+}  // namespace cuda
+}  // namespace smoe

@@ -1,0 +1,199 @@
+// CUDA glue of dispatch, permute, unpermute and unpermute_backward: validation (the CPU
+// kernels' messages for everything the host can see), allocation, launches on the current
+// stream of the inputs' device. Index values (ids in range, inverse a permutation) are checked
+// on the device: reading them here would sync the host and break CUDA graph capture.
+// Kernels and their math: csrc/cuda/dispatch.cu.
+#include <torch/library.h>
+
+#include <limits>
+
+#include "cuda/common.h"
+
+namespace smoe {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cuda(const at::Tensor& ids_in,
+                                                             int64_t num_experts) {
+  // validate
+  const char* op = "smoe_ops.dispatch";
+  check_cuda(op, "ids", ids_in);
+  check_rank(op, "ids", ids_in, 2, "[num_tokens, topk]");
+  TORCH_CHECK_TYPE(ids_in.scalar_type() == at::kInt || ids_in.scalar_type() == at::kLong, op,
+                   ": ids must be int32 or int64, got ", ids_in.scalar_type());
+  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK_VALUE(ids_in.numel() <= std::numeric_limits<int32_t>::max(), op,
+                    ": ids.numel() must fit in int32 (the sorted rows are int32), got ",
+                    ids_in.numel());
+  TORCH_CHECK_VALUE(num_experts <= std::numeric_limits<int32_t>::max(), op,
+                    ": num_experts must fit in int32, got ", num_experts);
+  const c10::cuda::CUDAGuard guard(ids_in.device());
+
+  // allocate
+  auto ids = ids_in.contiguous();
+  const int64_t num_tokens = ids.size(0), topk = ids.size(1), num_slots = ids.numel();
+  auto order = at::empty({num_slots}, ids.options().dtype(at::kInt));
+  auto offsets = at::zeros({num_experts + 1}, ids.options().dtype(at::kLong));
+  auto inverse = at::empty({num_tokens, topk}, ids.options().dtype(at::kInt));
+  if (num_slots == 0) return {order, offsets, inverse};
+  auto workspace = at::empty({cuda::dispatch_workspace_elems(num_slots, num_experts)},
+                             ids.options().dtype(at::kInt));
+
+  // launch
+  SMOE_CUDA_CHECK(cuda::dispatch(ids.const_data_ptr(), ids.scalar_type() == at::kLong,
+                                 num_slots, topk, num_experts,
+                                 workspace.mutable_data_ptr<int32_t>(),
+                                 order.mutable_data_ptr<int32_t>(),
+                                 offsets.mutable_data_ptr<int64_t>(),
+                                 inverse.mutable_data_ptr<int32_t>(), current_stream()));
+  return {order, offsets, inverse};
+}
+
+void check_inverse_layout(const char* op, const at::Tensor& inverse) {
+  check_cuda(op, "inverse", inverse);
+  check_rank(op, "inverse", inverse, 2, "[num_tokens, topk] (from smoe_ops.dispatch)");
+  check_dtype(op, "inverse", inverse, at::kInt);
+}
+
+void check_weights(const char* op, const at::Tensor& weights, const at::Tensor& inverse) {
+  check_cuda(op, "weights", weights);
+  check_same_device(op, "weights", weights, "inverse", inverse);
+  check_floating(op, "weights", weights);
+  TORCH_CHECK_VALUE(weights.sizes() == inverse.sizes(), op,
+                    ": weights must have the shape of inverse (", shape_str(inverse),
+                    ", [num_tokens, topk]), got shape ", shape_str(weights));
+}
+
+void check_rows(const char* op, const char* name, const at::Tensor& t, const at::Tensor& inverse) {
+  check_cuda(op, name, t);
+  check_same_device(op, name, t, "inverse", inverse);
+  check_rank(op, name, t, 2, "[num_rows, hidden_size]");
+  check_floating(op, name, t);
+}
+
+// Weights in the accumulation type of rows of `dtype` (contiguous), or undefined for none.
+at::Tensor acc_weights(const std::optional<at::Tensor>& weights, at::ScalarType dtype) {
+  if (!weights) return at::Tensor();
+  return weights->to(weight_dtype(dtype)).contiguous();
+}
+
+const void* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr() : nullptr;
+}
+
+at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& inverse_in) {
+  // validate
+  const char* op = "smoe_ops.permute";
+  check_inverse_layout(op, inverse_in);
+  check_rows(op, "x", x_in, inverse_in);
+  check_size(op, "x", x_in, 0, inverse_in.size(0), "inverse.shape[0], the number of tokens");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+
+  // allocate
+  auto inverse = inverse_in.contiguous();
+  auto x = x_in.contiguous();
+  const int64_t num_tokens = x.size(0), topk = inverse.size(1), hidden = x.size(1);
+  const int64_t num_rows = inverse.numel();
+  auto xs = at::empty({num_rows, hidden}, x.options());
+  if (num_rows == 0) return xs;
+  auto seen = at::empty({num_rows}, inverse.options());
+
+  // launch: the permutation check first, on the same stream.
+  const auto stream = current_stream();
+  SMOE_CUDA_CHECK(cuda::check_permutation(cuda::RowWriter::kPermute,
+                                          inverse.const_data_ptr<int32_t>(), num_rows, topk,
+                                          seen.mutable_data_ptr<int32_t>(), stream));
+  if (hidden == 0) return xs;
+  SMOE_CUDA_CHECK(cuda::permute(kernel_dtype(x), x.const_data_ptr(),
+                                inverse.const_data_ptr<int32_t>(), num_tokens, topk, hidden,
+                                xs.mutable_data_ptr(), stream));
+  return xs;
+}
+
+at::Tensor unpermute_cuda(const at::Tensor& ys_in, const at::Tensor& inverse_in,
+                          const std::optional<at::Tensor>& weights_in) {
+  // validate (the row range: on the device)
+  const char* op = "smoe_ops.unpermute";
+  check_inverse_layout(op, inverse_in);
+  check_rows(op, "ys", ys_in, inverse_in);
+  check_size(op, "ys", ys_in, 0, inverse_in.numel(), "inverse.numel(), the dispatched rows");
+  if (weights_in) check_weights(op, *weights_in, inverse_in);
+  const c10::cuda::CUDAGuard guard(ys_in.device());
+
+  // allocate
+  auto inverse = inverse_in.contiguous();
+  auto ys = ys_in.contiguous();
+  auto weights = acc_weights(weights_in, ys.scalar_type());
+  const int64_t num_tokens = inverse.size(0), topk = inverse.size(1), hidden = ys.size(1);
+  auto y = at::empty({num_tokens, hidden}, ys.options());
+  if (y.numel() == 0) return y;
+  if (topk == 0) return y.zero_();  // an empty sum
+
+  // launch
+  SMOE_CUDA_CHECK(cuda::unpermute(kernel_dtype(ys), ys.const_data_ptr(),
+                                  inverse.const_data_ptr<int32_t>(), data_or_null(weights),
+                                  num_tokens, topk, hidden, inverse.numel(),
+                                  y.mutable_data_ptr(), current_stream()));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
+    const at::Tensor& grad_y_in, const at::Tensor& ys_in, const at::Tensor& inverse_in,
+    const std::optional<at::Tensor>& weights_in, bool weights_grad) {
+  // validate
+  const char* op = "smoe_ops.unpermute_backward";
+  check_inverse_layout(op, inverse_in);
+  check_rows(op, "ys", ys_in, inverse_in);
+  check_size(op, "ys", ys_in, 0, inverse_in.numel(), "inverse.numel(), the dispatched rows");
+  check_rows(op, "grad_y", grad_y_in, inverse_in);
+  check_same_dtype(op, "grad_y", grad_y_in, "ys", ys_in);
+  check_size(op, "grad_y", grad_y_in, 0, inverse_in.size(0), "inverse.shape[0]");
+  check_size(op, "grad_y", grad_y_in, 1, ys_in.size(1), "ys.shape[1]");
+  if (weights_in) check_weights(op, *weights_in, inverse_in);
+  const c10::cuda::CUDAGuard guard(ys_in.device());
+
+  // allocate: grad_weights in the accumulation type, cast to the weights dtype at the end.
+  auto inverse = inverse_in.contiguous();
+  auto ys = ys_in.contiguous();
+  auto grad_y = grad_y_in.contiguous();
+  auto weights = acc_weights(weights_in, ys.scalar_type());
+  const bool want_grad_weights = weights_in.has_value() && weights_grad;
+  const auto grad_weights_dtype = weights_in ? weights_in->scalar_type() : ys.scalar_type();
+  const int64_t num_rows = ys.size(0), num_tokens = inverse.size(0), topk = inverse.size(1);
+  const int64_t hidden = ys.size(1);
+  auto grad_ys = at::empty_like(ys);
+  auto grad_weights =
+      want_grad_weights ? at::empty(inverse.sizes(), ys.options().dtype(weight_dtype(
+                                                         ys.scalar_type())))
+                        : at::empty({0}, ys.options().dtype(grad_weights_dtype));
+  if (num_rows == 0) {
+    return {grad_ys, want_grad_weights ? grad_weights.to(grad_weights_dtype) : grad_weights};
+  }
+
+  // launch
+  const auto stream = current_stream();
+  auto seen = at::empty({num_rows}, inverse.options());
+  SMOE_CUDA_CHECK(cuda::check_permutation(cuda::RowWriter::kUnpermuteBackward,
+                                          inverse.const_data_ptr<int32_t>(), num_rows, topk,
+                                          seen.mutable_data_ptr<int32_t>(), stream));
+  if (hidden == 0) {
+    if (want_grad_weights) grad_weights.zero_();  // empty dot products
+  } else {
+    SMOE_CUDA_CHECK(cuda::unpermute_backward(
+        kernel_dtype(ys), grad_y.const_data_ptr(), ys.const_data_ptr(),
+        inverse.const_data_ptr<int32_t>(), data_or_null(weights), num_tokens, topk, hidden,
+        grad_ys.mutable_data_ptr(),
+        want_grad_weights ? grad_weights.mutable_data_ptr() : nullptr, stream));
+  }
+  if (want_grad_weights) grad_weights = grad_weights.to(grad_weights_dtype);
+  return {grad_ys, grad_weights};
+}
+
+}  // namespace
+}  // namespace smoe
+
+TORCH_LIBRARY_IMPL(smoe_ops, CUDA, m) {
+  m.impl("dispatch", &smoe::dispatch_cuda);
+  m.impl("permute", &smoe::permute_cuda);
+  m.impl("unpermute", &smoe::unpermute_cuda);
+  m.impl("unpermute_backward", &smoe::unpermute_backward_cuda);
+}

@@ -1,0 +1,349 @@
+// grouped_mm: one GEMM per expert over expert-sorted rows, and its three backward products.
+//
+//   x [N, K], w [E, K, M] (any strides), offsets [E + 1] int64 on the device (rows of expert
+//   e: offsets[e]:offsets[e + 1]), bias [E, M] or none; float32 | float64 | bfloat16 | float16.
+//   out[s:t]     = x[s:t] @ w[e] (+ bias[e])          [N, M]
+//   grad_x[s:t]  = grad_out[s:t] @ w[e]^T             [N, K]  (the same kernel, w^T's strides)
+//   grad_w[e]    = x[s:t]^T @ grad_out[s:t]           [E, K, M]  (zeros for an empty expert)
+//   grad_bias[e] = column sums of grad_out[s:t]       [E, M]
+// bfloat16 / float16 accumulate in float32 and round once; bias is added before that rounding.
+//
+// Tiles: a 128-thread block computes a 64 x 64 tile of one expert's output, stepping through
+// the reduction 32 at a time. Each step stages the A tile [64 rows x 32] and the B tile
+// [32 x 64 cols] in shared memory, both stored reduction-contiguous (As[i][r], Bs[n][r]),
+// with zeros past the edges; global loads walk whichever dimension of the operand has unit
+// stride, so they coalesce for w and for w^T alike.
+//   Tensor-core path (bfloat16 / float16 on sm_80+): 4 warps in a 2 x 2 grid, each a 32 x 32
+//   sub-tile as 2 x 4 mma.sync.m16n8k16 (row.col, float32 accumulators); fragments are read
+//   from shared memory as 32-bit pairs in the PTX ISA's fragment layout (lane = 4 * group +
+//   thread_in_group; A rows group / group + 8, B column group, k pairs thread_in_group * 2).
+//   Padding rows to 40 elements puts the 32 lanes of a fragment load in 32 distinct banks.
+//   Simple path (float32, float64, or 16-bit types below sm_80): a 16 x 8 thread grid, each
+//   thread an 8 x 4 micro-tile with fused multiply-adds in the accumulation type.
+// Scheduling: out and grad_x launch ceil(N / 64) + E row-tile slots (an upper bound of the
+//   sum over experts of ceil(rows_e / 64), known without reading offsets) times ceil(M / 64)
+//   column tiles. A one-block prologue checks offsets and writes the prefix sum of the row
+//   tiles per expert into a device workspace; each block binary-searches it for its (expert,
+//   row tile) item and leaves if it has none. Nothing returns to the host: CUDA graphs can
+//   capture it. grad_w: one block per (expert, 64 x 64 tile of [K, M]), reducing over all of
+//   the expert's rows. grad_bias: a thread per (expert, column), summing the expert's rows.
+// TODO: no cp.async double buffering, no ldmatrix, no split of grad_w's reduction for an
+//   expert with most rows, no wgmma/TMA path for sm_90a: add them once the GPU check
+//   (benchmarks/gpu_check.sh) has measured this version against torch._grouped_mm.
+// Reference: smoe_ops.reference.grouped_mm; CPU twin: csrc/cpu/grouped_mm.cpp.
+#include "cuda/device_utils.cuh"
+
+namespace smoe {
+namespace cuda {
+namespace {
+
+constexpr int BM = 64, BN = 64, BK = 32, kPad = 8, kThreads = 128;
+
+// One block's GEMM: c[i, n] (+)= sum_r a[i, r] b[r, n] for i < rows, n < cols, r < depth.
+template <typename T>
+struct Tile {
+  const T* a;
+  int64_t a_si, a_sr;
+  const T* b;
+  int64_t b_sr, b_sn;
+  int64_t rows, cols, depth;
+  T* c;
+  int64_t c_si;
+  const T* bias;  // [cols] at the tile's first column, or null
+};
+
+template <typename T>
+constexpr bool kSixteenBit = std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>;
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+// Tensor cores exist for this instantiation on the architecture being compiled.
+template <typename T>
+__device__ constexpr bool use_mma() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return kSixteenBit<T>;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+__device__ void gemm_tile(const Tile<T>& t) {
+  using A = acc_t<T>;
+  __shared__ alignas(16) T As[BM][BK + kPad];
+  __shared__ alignas(16) T Bs[BN][BK + kPad];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const T zero = from_acc<T>(A(0));
+
+  constexpr bool kMma = use_mma<T>();
+  // Tensor-core accumulators [mi][ni][4] or simple-path ones [8][4]; only one set is used.
+  float mma_acc[2][4][4];
+  A acc[8][4];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      acc[i][j] = A(0);
+      mma_acc[i / 4][i % 4][j] = 0.0f;
+    }
+
+  const bool a_r_unit = t.a_sr == 1, b_n_unit = t.b_sn == 1;
+  for (int64_t r0 = 0; r0 < t.depth; r0 += BK) {
+    // Stage A: As[i][r] = a[i, r0 + r]; threads walk a's unit-stride dimension.
+#pragma unroll 4
+    for (int q = 0; q < BM * BK / kThreads; ++q) {
+      const int idx = tid + q * kThreads;
+      const int i = a_r_unit ? idx / BK : idx % BM;
+      const int r = a_r_unit ? idx % BK : idx / BM;
+      const bool inside = i < t.rows && r0 + r < t.depth;
+      As[i][r] = inside ? t.a[i * t.a_si + (r0 + r) * t.a_sr] : zero;
+    }
+    // Stage B: Bs[n][r] = b[r0 + r, n].
+#pragma unroll 4
+    for (int q = 0; q < BN * BK / kThreads; ++q) {
+      const int idx = tid + q * kThreads;
+      const int n = b_n_unit ? idx % BN : idx / BK;
+      const int r = b_n_unit ? idx / BN : idx % BK;
+      const bool inside = n < t.cols && r0 + r < t.depth;
+      Bs[n][r] = inside ? t.b[(r0 + r) * t.b_sr + n * t.b_sn] : zero;
+    }
+    __syncthreads();
+
+    if constexpr (kMma) {
+      const int wm = warp / 2, wn = warp % 2, group = lane / 4, pair = (lane % 4) * 2;
+#pragma unroll
+      for (int ks = 0; ks < BK; ks += 16) {
+        uint32_t afrag[2][4], bfrag[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const int row = wm * 32 + mi * 16 + group;
+          afrag[mi][0] = *reinterpret_cast<const uint32_t*>(&As[row][ks + pair]);
+          afrag[mi][1] = *reinterpret_cast<const uint32_t*>(&As[row + 8][ks + pair]);
+          afrag[mi][2] = *reinterpret_cast<const uint32_t*>(&As[row][ks + pair + 8]);
+          afrag[mi][3] = *reinterpret_cast<const uint32_t*>(&As[row + 8][ks + pair + 8]);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+          const int col = wn * 32 + ni * 8 + group;
+          bfrag[ni][0] = *reinterpret_cast<const uint32_t*>(&Bs[col][ks + pair]);
+          bfrag[ni][1] = *reinterpret_cast<const uint32_t*>(&Bs[col][ks + pair + 8]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) mma_16816<T>(mma_acc[mi][ni], afrag[mi], bfrag[ni]);
+      }
+    } else {
+      const int ty = tid / 16, tx = tid % 16;
+#pragma unroll 4
+      for (int r = 0; r < BK; ++r) {
+        A av[8], bv[4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) av[i] = to_acc(As[ty * 8 + i][r]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) bv[j] = to_acc(Bs[tx * 4 + j][r]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+
+  auto store = [&](int i, int n, A v) {
+    if (i < t.rows && n < t.cols) {
+      if (t.bias != nullptr) v += to_acc(t.bias[n]);
+      t.c[i * t.c_si + n] = from_acc<T>(v);
+    }
+  };
+  if constexpr (kMma) {
+    const int wm = warp / 2, wn = warp % 2, group = lane / 4, pair = (lane % 4) * 2;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          store(wm * 32 + mi * 16 + group + (c >= 2 ? 8 : 0), wn * 32 + ni * 8 + pair + (c & 1),
+                A(mma_acc[mi][ni][c]));
+        }
+  } else {
+    const int ty = tid / 16, tx = tid % 16;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) store(ty * 8 + i, tx * 4 + j, acc[i][j]);
+  }
+}
+
+// Checks offsets (offsets[0] = 0, non-decreasing, offsets[E] = N) and writes
+// tile_prefix[e] = sum over experts before e of ceil(rows / BM), tile_prefix[E] the total.
+// One thread: E is small next to the GEMM, and the check wants the serial order anyway.
+__global__ void row_tiles_kernel(const int64_t* offsets, int64_t E, int64_t N,
+                                 int32_t* tile_prefix) {
+  if (threadIdx.x != 0) return;
+  SMOE_DEVICE_CHECK(offsets[0] == 0, "smoe_ops.grouped_mm: offsets[0] must be 0, got %lld\n",
+                    (long long)offsets[0]);
+  int64_t tiles = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t begin = offsets[e], end = offsets[e + 1];
+    SMOE_DEVICE_CHECK(end >= begin,
+                      "smoe_ops.grouped_mm: offsets must be non-decreasing, got offsets[%lld] = "
+                      "%lld < offsets[%lld] = %lld\n",
+                      (long long)(e + 1), (long long)end, (long long)e, (long long)begin);
+    tile_prefix[e] = static_cast<int32_t>(tiles);
+    tiles += (end - begin + BM - 1) / BM;
+  }
+  SMOE_DEVICE_CHECK(offsets[E] == N,
+                    "smoe_ops.grouped_mm: offsets[%lld] must equal x.shape[0] (%lld), got %lld\n",
+                    (long long)E, (long long)N, (long long)offsets[E]);
+  tile_prefix[E] = static_cast<int32_t>(tiles);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    grouped_rows_kernel(const T* a, const T* b, int64_t b_se, int64_t b_sk, int64_t b_sm,
+                        const T* bias, const int64_t* offsets, const int32_t* tile_prefix,
+                        int64_t K, int64_t M, int64_t E, T* out) {
+  const int32_t item = static_cast<int32_t>(blockIdx.x);
+  if (item >= tile_prefix[E]) return;
+  // The expert e with tile_prefix[e] <= item < tile_prefix[e + 1] (empty experts skipped).
+  int64_t lo = 0, hi = E - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (tile_prefix[mid] <= item) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int64_t e = lo;
+  const int64_t row0 = offsets[e] + int64_t(item - tile_prefix[e]) * BM;
+  const int64_t row_end = offsets[e + 1];
+  const int64_t n0 = int64_t(blockIdx.y) * BN;
+  Tile<T> t;
+  t.a = a + row0 * K;
+  t.a_si = K;
+  t.a_sr = 1;
+  t.b = b + e * b_se + n0 * b_sm;
+  t.b_sr = b_sk;
+  t.b_sn = b_sm;
+  t.rows = row_end - row0 < BM ? row_end - row0 : BM;
+  t.cols = M - n0 < BN ? M - n0 : BN;
+  t.depth = K;
+  t.c = out + row0 * M + n0;
+  t.c_si = M;
+  t.bias = bias != nullptr ? bias + e * M + n0 : nullptr;
+  gemm_tile<T>(t);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    grad_w_kernel(const T* x, const T* grad_out, const int64_t* offsets, int64_t K, int64_t M,
+                  int64_t tiles_m, int64_t tiles_per_expert, T* grad_w) {
+  const int64_t e = blockIdx.x / tiles_per_expert, tile = blockIdx.x % tiles_per_expert;
+  const int64_t i0 = (tile / tiles_m) * BM, n0 = (tile % tiles_m) * BN;
+  const int64_t begin = offsets[e], end = offsets[e + 1];
+  Tile<T> t;
+  t.a = x + begin * K + i0;  // a[i, r] = x[begin + r, i0 + i]
+  t.a_si = 1;
+  t.a_sr = K;
+  t.b = grad_out + begin * M + n0;  // b[r, n] = grad_out[begin + r, n0 + n]
+  t.b_sr = M;
+  t.b_sn = 1;
+  t.rows = K - i0 < BM ? K - i0 : BM;
+  t.cols = M - n0 < BN ? M - n0 : BN;
+  t.depth = end - begin;
+  t.c = grad_w + e * K * M + i0 * M + n0;
+  t.c_si = M;
+  t.bias = nullptr;
+  gemm_tile<T>(t);
+}
+
+template <typename T>
+__global__ void grad_bias_kernel(const T* grad_out, const int64_t* offsets, int64_t M,
+                                 int64_t col_blocks, T* grad_bias) {
+  using A = acc_t<T>;
+  const int64_t e = blockIdx.x / col_blocks;
+  const int64_t n = (blockIdx.x % col_blocks) * int64_t(blockDim.x) + threadIdx.x;
+  if (n >= M) return;
+  A acc = 0;
+  for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) acc += to_acc(grad_out[r * M + n]);
+  grad_bias[e * M + n] = from_acc<T>(acc);
+}
+
+}  // namespace
+
+int64_t grouped_mm_workspace_elems(int64_t E) { return E + 1; }
+
+cudaError_t grouped_mm_check_offsets(const int64_t* offsets, int64_t N, int64_t E,
+                                     int32_t* workspace, cudaStream_t stream) {
+  row_tiles_kernel<<<1, 32, 0, stream>>>(offsets, E, N, workspace);
+  return cudaGetLastError();
+}
+
+cudaError_t grouped_mm(DType dtype, const void* a, const void* b, int64_t b_se, int64_t b_sk,
+                       int64_t b_sm, const void* bias, const int64_t* offsets, int64_t N,
+                       int64_t K, int64_t M, int64_t E, int32_t* workspace, void* out,
+                       cudaStream_t stream) {
+  cudaError_t err = grouped_mm_check_offsets(offsets, N, E, workspace, stream);
+  if (err != cudaSuccess) return err;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(static_cast<unsigned>(ceil_div(N, BM) + E),
+                    static_cast<unsigned>(ceil_div(M, BN)));
+    grouped_rows_kernel<T><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(a), static_cast<const T*>(b), b_se, b_sk, b_sm,
+        static_cast<const T*>(bias), offsets, workspace, K, M, E, static_cast<T*>(out));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t grouped_mm_grad_w(DType dtype, const void* x, const void* grad_out,
+                              const int64_t* offsets, int64_t N, int64_t K, int64_t M, int64_t E,
+                              void* grad_w, cudaStream_t stream) {
+  (void)N;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t tiles_m = ceil_div(M, BN), tiles = ceil_div(K, BM) * tiles_m;
+    grad_w_kernel<T><<<static_cast<unsigned>(E * tiles), kThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(grad_out), offsets, K, M, tiles_m,
+        tiles, static_cast<T*>(grad_w));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t grouped_mm_grad_bias(DType dtype, const void* grad_out, const int64_t* offsets,
+                                 int64_t N, int64_t M, int64_t E, void* grad_bias,
+                                 cudaStream_t stream) {
+  (void)N;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t col_blocks = ceil_div(M, 256);
+    grad_bias_kernel<T><<<static_cast<unsigned>(E * col_blocks), 256, 0, stream>>>(
+        static_cast<const T*>(grad_out), offsets, M, col_blocks, static_cast<T*>(grad_bias));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace smoe

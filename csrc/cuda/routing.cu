@@ -1,0 +1,535 @@
+// routing: route (scores, group-limited top-k, renormalize, scale), its backward, and
+// router_losses with its backward.
+//
+// Shapes and dtypes (as csrc/cpu/routing.cpp, whose header gives the full math):
+//   logits [T, E] float32 | float64 | bfloat16 | float16, contiguous; the compute type A is
+//   float32 (float64 for float64 logits). expert_bias [E] in A or none. weights [T, k] A,
+//   ids [T, k] int32, counts [E] int32; losses [4] A = (balance, z, entropy, batch_entropy),
+//   mean_probs [E] A.
+// route, per row t: s = softmax(x) or sigmoid(x); key q = s + bias; group-limited: a group
+//   scores the sum of its top min(2, G) keys, the topk_groups best groups are kept, and the k
+//   best experts of those are chosen. Order: (key descending, id ascending), a NaN key ranking
+//   as -inf, so ids are valid and distinct. w_j = s[id_j] / max(sum_j s[id_j], tiny) * scale
+//   (renormalize) or s[id_j] * scale. As on the CPU, float32-computed rows (float32, bfloat16,
+//   float16) with no bias and no groups, scored by sigmoid or a renormalized softmax, select
+//   on the logits themselves (both scores are increasing in the logit, and float32 scores can
+//   round distinct logits to a tie): CPU and CUDA then choose the same ids exactly.
+// route_backward, router_losses(_backward): the formulas of csrc/cpu/routing.cpp.
+//
+// Threads: one warp per row (8 rows per 256-thread block), for every E: lanes stride over the
+//   row's E entries, and warp shuffles reduce. Selection is k passes of a warp arg-max, each
+//   taking the best entry that comes after the previous pick in the selection order; nothing
+//   is kept per entry, so any E and any k <= E work with no shared memory. Scores are
+//   recomputed from the logits (in L1) on each pass instead of stored. Group scores go to a
+//   [T, num_groups] global workspace (lanes over groups), then the topk_groups-th best group
+//   is found the same way, and an expert is eligible when its group ranks at or above it.
+//   counts: one atomicAdd per chosen (t, j).
+//   TODO: a block per row (and keys cached in shared memory) for wide rows, where the k passes
+//   of one warp over E entries dominate: decide the threshold from gpu_check.sh's route rows.
+// router_losses: (1) a warp per row writes lse_t and H(p_t); (2) a thread per (column, chunk
+//   of rows) sums p_te (and lse^2, entropy as two extra columns) in float64 over its chunk;
+//   (3) a thread per column adds the chunks in order; (4) one block reduces balance and
+//   batch entropy in a fixed tree. No atomics on floats: results are deterministic.
+// router_losses_backward: a thread per expert forms a_e, then a warp per row writes its grad.
+// Reference: smoe_ops.reference.route, smoe_ops.reference.router_losses.
+#include "cuda/device_utils.cuh"
+
+namespace smoe {
+namespace cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kRowsPerBlock = 8;
+constexpr int kThreads = kWarp * kRowsPerBlock;
+
+template <typename A>
+__device__ __forceinline__ A rank_key(A v) {
+  return v != v ? neg_inf<A>() : v;
+}
+
+// (q, id) goes before (best_q, best_id) in the selection order. id = INT32_MAX marks "none".
+template <typename A>
+__device__ __forceinline__ bool goes_before(A q, int32_t id, A best_q, int32_t best_id) {
+  return q > best_q || (q == best_q && id < best_id);
+}
+
+// The best (key, id) of the warp's candidates, every lane getting the result.
+template <typename A>
+__device__ __forceinline__ void warp_best(A& q, int32_t& id) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const A other_q = __shfl_xor_sync(0xffffffffu, q, offset);
+    const int32_t other_id = __shfl_xor_sync(0xffffffffu, id, offset);
+    if (goes_before(other_q, other_id, q, id)) {
+      q = other_q;
+      id = other_id;
+    }
+  }
+}
+
+template <typename T>
+struct RouteArgs {
+  using A = acc_t<T>;
+  const T* logits;
+  const A* bias;
+  int64_t num_tokens, E, k;
+  bool sigmoid, renormalize;
+  int64_t num_groups, topk_groups;
+  A scale;
+  A* group_scores;
+  A* weights;
+  int32_t* ids;
+  int32_t* counts;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) route_kernel(RouteArgs<T> args) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t t = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
+  if (t >= args.num_tokens) return;  // whole warps leave together
+  const int64_t E = args.E, k = args.k;
+  const T* x = args.logits + t * E;
+
+  // Softmax statistics (also decide the on-logits path: a finite row sum).
+  A m = neg_inf<A>(), row_sum = 0;
+  for (int64_t e = lane; e < E; e += kWarp) {
+    const A v = to_acc(x[e]);
+    m = fmax(m, v);
+    row_sum += v;
+  }
+  m = warp_max(m);
+  row_sum = warp_sum(row_sum);
+  const bool on_logits = std::is_same_v<A, float> && args.bias == nullptr &&
+                         args.num_groups == 1 && (args.sigmoid || args.renormalize) &&
+                         isfinite(row_sum);
+  A inv_sum = 1;
+  if (!args.sigmoid && !on_logits) {
+    A sum = 0;
+    for (int64_t e = lane; e < E; e += kWarp) sum += exp_acc(to_acc(x[e]) - m);
+    inv_sum = A(1) / warp_sum(sum);
+  }
+  auto score = [&](int64_t e) -> A {
+    const A v = to_acc(x[e]);
+    return args.sigmoid ? A(1) / (A(1) + exp_acc(-v)) : exp_acc(v - m) * inv_sum;
+  };
+  auto key = [&](int64_t e) -> A {
+    if (on_logits) return to_acc(x[e]);
+    A q = score(e);
+    if (args.bias != nullptr) q += args.bias[e];
+    return rank_key(q);
+  };
+
+  // Groups: the threshold group (gq, gid) is the topk_groups-th best; kept = at or above it.
+  const int64_t G = E / args.num_groups;
+  A gq = neg_inf<A>();
+  int32_t gid = INT32_MAX;
+  A* group_score = args.group_scores + t * args.num_groups;
+  if (args.num_groups > 1) {
+    for (int64_t g = lane; g < args.num_groups; g += kWarp) {
+      A best = neg_inf<A>(), second = neg_inf<A>();
+      for (int64_t e = g * G; e < (g + 1) * G; ++e) {
+        const A v = key(e);
+        const A low = fmin(v, best);
+        best = fmax(v, best);
+        second = fmax(low, second);
+      }
+      group_score[g] = rank_key(G == 1 ? best : best + second);
+    }
+    __syncwarp();
+    A prev_q = std::numeric_limits<A>::infinity();
+    int32_t prev_id = -1;
+    for (int64_t j = 0; j < args.topk_groups; ++j) {
+      A q = neg_inf<A>();
+      int32_t id = INT32_MAX;
+      for (int64_t g = lane; g < args.num_groups; g += kWarp) {
+        const A v = group_score[g];
+        const bool after = v < prev_q || (v == prev_q && g > prev_id);
+        if (after && goes_before(v, int32_t(g), q, id)) {
+          q = v;
+          id = int32_t(g);
+        }
+      }
+      warp_best(q, id);
+      prev_q = q;
+      prev_id = id;
+    }
+    gq = prev_q;
+    gid = prev_id;
+  }
+  auto kept = [&](int64_t e) -> bool {
+    if (args.num_groups == 1) return true;
+    const int64_t g = e / G;
+    const A v = group_score[g];
+    return v > gq || (v == gq && g <= gid);
+  };
+
+  // Experts: k passes, each picking the best entry after the previous pick.
+  int32_t* ids = args.ids + t * k;
+  A* w = args.weights + t * k;
+  A prev_q = std::numeric_limits<A>::infinity();
+  int32_t prev_id = -1;
+  for (int64_t j = 0; j < k; ++j) {
+    A q = neg_inf<A>();
+    int32_t id = INT32_MAX;
+    for (int64_t e = lane; e < E; e += kWarp) {
+      const A v = key(e);
+      const bool after = v < prev_q || (v == prev_q && e > prev_id);
+      if (after && kept(e) && goes_before(v, int32_t(e), q, id)) {
+        q = v;
+        id = int32_t(e);
+      }
+    }
+    warp_best(q, id);
+    prev_q = q;
+    prev_id = id;
+    if (lane == 0) {
+      ids[j] = id;
+      atomicAdd(args.counts + id, 1);
+    }
+  }
+
+  // Weights, serially on lane 0 in j order (the CPU's summation order).
+  if (lane == 0) {
+    const A top = to_acc(x[ids[0]]);
+    A total = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      A p;
+      if (on_logits) {
+        const A v = to_acc(x[ids[j]]);
+        p = args.sigmoid ? A(1) / (A(1) + exp_acc(-v)) : exp_acc(v - top);
+      } else {
+        p = score(ids[j]);
+      }
+      w[j] = p;
+      total += p;
+    }
+    const A tiny = std::numeric_limits<A>::min();
+    const A factor =
+        args.renormalize ? args.scale / (total < tiny ? tiny : total) : args.scale;
+    for (int64_t j = 0; j < k; ++j) w[j] *= factor;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    route_backward_kernel(const acc_t<T>* grad_weights, const T* logits, const int32_t* ids_all,
+                          int64_t num_tokens, int64_t E, int64_t k, bool sigmoid,
+                          bool renormalize, acc_t<T> scale, T* grad) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t t = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
+  if (t >= num_tokens) return;
+  const T* x = logits + t * E;
+  const int32_t* ids = ids_all + t * k;
+  const A* g = grad_weights + t * k;
+  T* out = grad + t * E;
+
+  A m = neg_inf<A>(), inv_sum = 1;
+  if (!sigmoid) {
+    for (int64_t e = lane; e < E; e += kWarp) m = fmax(m, to_acc(x[e]));
+    m = warp_max(m);
+    A sum = 0;
+    for (int64_t e = lane; e < E; e += kWarp) sum += exp_acc(to_acc(x[e]) - m);
+    inv_sum = A(1) / warp_sum(sum);
+  }
+  auto score = [&](int64_t e) -> A {
+    const A v = to_acc(x[e]);
+    return sigmoid ? A(1) / (A(1) + exp_acc(-v)) : exp_acc(v - m) * inv_sum;
+  };
+
+  // Every lane forms the row's sums itself (k terms): no broadcast needed.
+  A total = 0, weighted = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t id = ids[j];
+    SMOE_DEVICE_CHECK(id >= 0 && id < E,
+                      "smoe_ops.route_backward: ids[%lld, %lld] = %d is out of range, expected "
+                      "values in [0, num_experts = %lld)\n",
+                      (long long)t, (long long)j, id, (long long)E);
+    const A p = score(id);
+    total += p;
+    weighted += g[j] * p;
+  }
+  const A tiny = std::numeric_limits<A>::min();
+  const bool clamped = renormalize && total < tiny;
+  const A norm = renormalize ? (clamped ? tiny : total) : A(1);
+  const A mean_g = renormalize && !clamped ? weighted / norm : A(0);
+  auto dp = [&](int64_t j) -> A { return scale * (g[j] - mean_g) / norm; };
+  A dot = 0;  // sum_j dp_j p_j (softmax only)
+  if (!sigmoid) {
+    for (int64_t j = 0; j < k; ++j) dot += dp(j) * score(ids[j]);
+  }
+  for (int64_t e = lane; e < E; e += kWarp) {
+    A picked = 0;  // sum of dp_j over the j that chose e (ids need not be distinct here)
+    for (int64_t j = 0; j < k; ++j) picked += ids[j] == e ? dp(j) : A(0);
+    const A s = score(e);
+    out[e] = from_acc<T>(sigmoid ? picked * s * (A(1) - s) : s * (picked - dot));
+  }
+}
+
+// ---- router_losses ----------------------------------------------------------------------------
+
+// Rows per chunk of partial sums: at most kMaxChunks chunks; a function of the shape only.
+constexpr int64_t kMinChunkRows = 64, kMaxChunks = 1024;
+
+int64_t chunk_rows(int64_t T) {
+  const int64_t rows = ceil_div(T, kMaxChunks);
+  return rows > kMinChunkRows ? rows : kMinChunkRows;
+}
+
+struct LossWorkspace {
+  double* stats;    // [T, 2]: lse_t, H(p_t)
+  double* partial;  // [chunks, E + 2]
+  double* total;    // [E + 2]
+};
+
+LossWorkspace loss_workspace(void* base, int64_t T, int64_t E) {
+  double* p = static_cast<double*>(base);
+  const int64_t chunks = ceil_div(T, chunk_rows(T));
+  return {p, p + 2 * T, p + 2 * T + chunks * (E + 2)};
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    loss_row_stats_kernel(const T* logits, int64_t num_tokens, int64_t E, double* stats) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t t = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
+  if (t >= num_tokens) return;
+  const T* x = logits + t * E;
+  A m = neg_inf<A>();
+  for (int64_t e = lane; e < E; e += kWarp) m = fmax(m, to_acc(x[e]));
+  m = warp_max(m);
+  A sum = 0;
+  for (int64_t e = lane; e < E; e += kWarp) sum += exp_acc(to_acc(x[e]) - m);
+  sum = warp_sum(sum);
+  const A inv = A(1) / sum;
+  A weighted = 0;  // sum_{p > 0} p (x - m): H = log(sum) - weighted, with 0 log 0 = 0
+  for (int64_t e = lane; e < E; e += kWarp) {
+    const A v = to_acc(x[e]);
+    const A p = exp_acc(v - m) * inv;
+    weighted += p > A(0) ? p * (v - m) : A(0);
+  }
+  weighted = warp_sum(weighted);
+  if (lane == 0) {
+    const A log_sum = log_acc(sum);
+    stats[2 * t] = double(m + log_sum);
+    stats[2 * t + 1] = double(log_sum - weighted);
+  }
+}
+
+// partial[c, col]: col < E sums p_te, col E sums lse_t^2, col E + 1 sums H(p_t), over the rows
+// of chunk c. Threads of a warp take consecutive columns of the same rows: coalesced.
+template <typename T>
+__global__ void loss_partial_kernel(const T* logits, int64_t num_tokens, int64_t E,
+                                    int64_t rows_per_chunk, const double* stats,
+                                    double* partial) {
+  const int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t c = blockIdx.y;
+  if (col >= E + 2) return;
+  const int64_t begin = c * rows_per_chunk;
+  const int64_t end = begin + rows_per_chunk < num_tokens ? begin + rows_per_chunk : num_tokens;
+  double acc = 0;
+  for (int64_t t = begin; t < end; ++t) {
+    const double lse = stats[2 * t];
+    if (col < E) {
+      using A = acc_t<T>;
+      acc += double(exp_acc(to_acc(logits[t * E + col]) - A(lse)));
+    } else if (col == E) {
+      acc += lse * lse;
+    } else {
+      acc += stats[2 * t + 1];
+    }
+  }
+  partial[c * (E + 2) + col] = acc;
+}
+
+template <typename A>
+__global__ void loss_total_kernel(const double* partial, int64_t chunks, int64_t E,
+                                  double inv_tokens, double* total, A* mean_probs) {
+  const int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (col >= E + 2) return;
+  double acc = 0;
+  for (int64_t c = 0; c < chunks; ++c) acc += partial[c * (E + 2) + col];
+  total[col] = acc;
+  if (col < E) mean_probs[col] = A(acc * inv_tokens);
+}
+
+constexpr int kReduceThreads = 256;
+
+template <typename A>
+__global__ void __launch_bounds__(kReduceThreads)
+    loss_final_kernel(const double* total, const int32_t* counts, int64_t E, int64_t k,
+                      double inv_tokens, A* losses) {
+  __shared__ double balance_part[kReduceThreads], entropy_part[kReduceThreads];
+  double balance = 0, entropy = 0;
+  for (int64_t e = threadIdx.x; e < E; e += kReduceThreads) {
+    const double mean_p = total[e] * inv_tokens;
+    balance += double(counts[e]) * mean_p;
+    if (mean_p > 0) entropy -= mean_p * log(mean_p);
+  }
+  balance_part[threadIdx.x] = balance;
+  entropy_part[threadIdx.x] = entropy;
+  __syncthreads();
+  for (int stride = kReduceThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      balance_part[threadIdx.x] += balance_part[threadIdx.x + stride];
+      entropy_part[threadIdx.x] += entropy_part[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    losses[0] = A(double(E) * balance_part[0] * inv_tokens / double(k));
+    losses[1] = A(total[E] * inv_tokens);
+    losses[2] = A(total[E + 1] * inv_tokens);
+    losses[3] = A(entropy_part[0]);
+  }
+}
+
+// a_e = (gb E f_e - gbe log P_e) / T, f_e = counts_e / (T k).
+template <typename A>
+__global__ void loss_backward_columns_kernel(const A* grad_losses, const int32_t* counts,
+                                             const A* mean_probs, int64_t num_tokens, int64_t E,
+                                             int64_t k, A* a) {
+  const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (e >= E) return;
+  const double inv_tokens = 1.0 / double(num_tokens);
+  const double gb = grad_losses[0], gbe = grad_losses[3];
+  const double f = double(counts[e]) * inv_tokens / double(k);
+  const double log_mean = mean_probs[e] > 0 ? log(double(mean_probs[e])) : 0.0;
+  a[e] = A((gb * double(E) * f - gbe * log_mean) * inv_tokens);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    loss_backward_rows_kernel(const acc_t<T>* grad_losses, const T* logits, const acc_t<T>* a,
+                              int64_t num_tokens, int64_t E, T* grad) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t t = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
+  if (t >= num_tokens) return;
+  const double inv_tokens = 1.0 / double(num_tokens);
+  const A ge_t = A(double(grad_losses[2]) * inv_tokens);
+  const A gz2_t = A(2.0 * double(grad_losses[1]) * inv_tokens);
+  const T* x = logits + t * E;
+  T* out = grad + t * E;
+  A m = neg_inf<A>();
+  for (int64_t e = lane; e < E; e += kWarp) m = fmax(m, to_acc(x[e]));
+  m = warp_max(m);
+  A sum = 0;
+  for (int64_t e = lane; e < E; e += kWarp) sum += exp_acc(to_acc(x[e]) - m);
+  sum = warp_sum(sum);
+  const A inv = A(1) / sum, shift = m + log_acc(sum);
+  A c_mean = 0;
+  for (int64_t e = lane; e < E; e += kWarp) {
+    const A v = to_acc(x[e]);
+    const A p = exp_acc(v - m) * inv;
+    c_mean += p > A(0) ? p * (a[e] - ge_t * (v - shift)) : A(0);
+  }
+  c_mean = warp_sum(c_mean);
+  const A offset = gz2_t * shift - c_mean;
+  for (int64_t e = lane; e < E; e += kWarp) {
+    const A v = to_acc(x[e]);
+    const A p = exp_acc(v - m) * inv;
+    out[e] = from_acc<T>(p > A(0) ? p * (a[e] - ge_t * (v - shift) + offset) : A(0));
+  }
+}
+
+unsigned row_blocks(int64_t T) { return static_cast<unsigned>(ceil_div(T, kRowsPerBlock)); }
+
+}  // namespace
+
+cudaError_t route(DType dtype, const void* logits, const void* bias, int64_t T, int64_t E,
+                  int64_t k, bool sigmoid, bool renormalize, int64_t num_groups,
+                  int64_t topk_groups, double scale, void* group_scores, void* weights,
+                  int32_t* ids, int32_t* counts, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T_ = decltype(tag);
+    using A = acc_t<T_>;
+    RouteArgs<T_> args{static_cast<const T_*>(logits),
+                       static_cast<const A*>(bias),
+                       T,
+                       E,
+                       k,
+                       sigmoid,
+                       renormalize,
+                       num_groups,
+                       topk_groups,
+                       A(scale),
+                       static_cast<A*>(group_scores),
+                       static_cast<A*>(weights),
+                       ids,
+                       counts};
+    route_kernel<T_><<<row_blocks(T), kThreads, 0, stream>>>(args);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t route_backward(DType dtype, const void* grad_weights, const void* logits,
+                           const int32_t* ids, int64_t T, int64_t E, int64_t k, bool sigmoid,
+                           bool renormalize, double scale, void* grad, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T_ = decltype(tag);
+    using A = acc_t<T_>;
+    route_backward_kernel<T_><<<row_blocks(T), kThreads, 0, stream>>>(
+        static_cast<const A*>(grad_weights), static_cast<const T_*>(logits), ids, T, E, k,
+        sigmoid, renormalize, A(scale), static_cast<T_*>(grad));
+    return cudaGetLastError();
+  });
+}
+
+int64_t router_losses_workspace_bytes(int64_t T, int64_t E) {
+  const int64_t chunks = ceil_div(T, chunk_rows(T));
+  return int64_t(sizeof(double)) * (2 * T + chunks * (E + 2) + (E + 2));
+}
+
+cudaError_t router_losses(DType dtype, const void* logits, const int32_t* counts, int64_t T,
+                          int64_t E, int64_t k, void* workspace, void* losses, void* mean_probs,
+                          cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T_ = decltype(tag);
+    using A = acc_t<T_>;
+    const LossWorkspace ws = loss_workspace(workspace, T, E);
+    const int64_t rows = chunk_rows(T), chunks = ceil_div(T, rows);
+    const double inv_tokens = T > 0 ? 1.0 / double(T) : 0.0;
+    const T_* x = static_cast<const T_*>(logits);
+    const unsigned col_blocks = static_cast<unsigned>(ceil_div(E + 2, 256));
+    if (T > 0) {
+      loss_row_stats_kernel<T_><<<row_blocks(T), kThreads, 0, stream>>>(x, T, E, ws.stats);
+      cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+      loss_partial_kernel<T_><<<dim3(col_blocks, unsigned(chunks)), 256, 0, stream>>>(
+          x, T, E, rows, ws.stats, ws.partial);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    loss_total_kernel<A><<<col_blocks, 256, 0, stream>>>(ws.partial, chunks, E, inv_tokens,
+                                                         ws.total, static_cast<A*>(mean_probs));
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    loss_final_kernel<A><<<1, kReduceThreads, 0, stream>>>(ws.total, counts, E, k, inv_tokens,
+                                                           static_cast<A*>(losses));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t router_losses_backward(DType dtype, const void* grad_losses, const void* logits,
+                                   const int32_t* counts, int64_t T, int64_t E, int64_t k,
+                                   const void* mean_probs, void* workspace, void* grad,
+                                   cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T_ = decltype(tag);
+    using A = acc_t<T_>;
+    A* a = static_cast<A*>(workspace);
+    const A* gl = static_cast<const A*>(grad_losses);
+    loss_backward_columns_kernel<A><<<unsigned(ceil_div(E, 256)), 256, 0, stream>>>(
+        gl, counts, static_cast<const A*>(mean_probs), T, E, k, a);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    loss_backward_rows_kernel<T_><<<row_blocks(T), kThreads, 0, stream>>>(
+        gl, static_cast<const T_*>(logits), a, T, E, static_cast<T_*>(grad));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace smoe

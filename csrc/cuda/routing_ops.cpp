@@ -1,0 +1,213 @@
+// CUDA glue of route, route_backward, router_losses and router_losses_backward: validation
+// (the CPU kernels' messages), allocation, and launches on the current stream of the logits'
+// device. Nothing here waits on the device. Kernels and their math: csrc/cuda/routing.cu.
+#include <torch/library.h>
+
+#include <limits>
+#include <string_view>
+
+#include "cuda/common.h"
+
+namespace smoe {
+namespace {
+
+void check_logits(const char* op, const at::Tensor& logits) {
+  check_cuda(op, "logits", logits);
+  check_rank(op, "logits", logits, 2, "[num_tokens, num_experts]");
+  check_floating(op, "logits", logits);
+}
+
+bool parse_score(const char* op, std::string_view score) {
+  TORCH_CHECK_VALUE(score == "softmax" || score == "sigmoid", op,
+                    ": score must be 'softmax' or 'sigmoid', got '", score, "'");
+  return score == "sigmoid";
+}
+
+void check_k(const char* op, int64_t k, int64_t num_experts) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= num_experts, op, ": k must be in [1, num_experts = ",
+                    num_experts, "], got ", k);
+}
+
+void check_groups(const char* op, int64_t k, int64_t num_experts, int64_t num_groups,
+                  int64_t topk_groups) {
+  TORCH_CHECK_VALUE(num_groups >= 1 && num_experts % num_groups == 0, op,
+                    ": num_groups must be >= 1 and divide num_experts = ", num_experts,
+                    ", got ", num_groups);
+  TORCH_CHECK_VALUE(topk_groups >= 1 && topk_groups <= num_groups, op,
+                    ": topk_groups must be in [1, num_groups = ", num_groups, "], got ",
+                    topk_groups);
+  const int64_t reachable = topk_groups * (num_experts / num_groups);
+  TORCH_CHECK_VALUE(k <= reachable, op, ": k must be <= topk_groups * num_experts / ",
+                    "num_groups = ", reachable, " (the experts of the kept groups), got ", k);
+}
+
+void check_counts(const char* op, const at::Tensor& counts, const at::Tensor& logits) {
+  check_cuda(op, "counts", counts);
+  check_same_device(op, "counts", counts, "logits", logits);
+  check_rank(op, "counts", counts, 1, "[num_experts]");
+  check_dtype(op, "counts", counts, at::kInt);
+  check_size(op, "counts", counts, 0, logits.size(1), "num_experts");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
+    const at::Tensor& logits_in, int64_t k, c10::string_view score, bool renormalize,
+    const std::optional<at::Tensor>& expert_bias, int64_t num_groups, int64_t topk_groups,
+    double scale) {
+  // validate
+  const char* op = "smoe_ops.route";
+  check_logits(op, logits_in);
+  const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
+  const bool sigmoid = parse_score(op, std::string_view(score.data(), score.size()));
+  check_k(op, k, num_experts);
+  check_groups(op, k, num_experts, num_groups, topk_groups);
+  TORCH_CHECK_VALUE(num_tokens * k <= std::numeric_limits<int32_t>::max(), op,
+                    ": num_tokens * k must fit int32 counts (at most 2^31 - 1), got ",
+                    num_tokens, " * ", k);
+  TORCH_CHECK_VALUE(num_experts <= std::numeric_limits<int32_t>::max(), op,
+                    ": num_experts must fit int32 ids, got ", num_experts);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const auto wdtype = weight_dtype(logits_in.scalar_type());
+  at::Tensor bias;
+  if (expert_bias.has_value()) {
+    check_cuda(op, "expert_bias", *expert_bias);
+    check_same_device(op, "expert_bias", *expert_bias, "logits", logits_in);
+    check_rank(op, "expert_bias", *expert_bias, 1, "[num_experts]");
+    check_floating(op, "expert_bias", *expert_bias);
+    check_size(op, "expert_bias", *expert_bias, 0, num_experts, "num_experts");
+    bias = expert_bias->to(wdtype).contiguous();
+  }
+
+  // allocate
+  auto logits = logits_in.contiguous();
+  auto weights = at::empty({num_tokens, k}, logits.options().dtype(wdtype));
+  auto ids = at::empty({num_tokens, k}, logits.options().dtype(at::kInt));
+  auto counts = at::zeros({num_experts}, logits.options().dtype(at::kInt));
+  if (num_tokens == 0) return {weights, ids, counts};
+  at::Tensor group_scores;
+  if (num_groups > 1) group_scores = at::empty({num_tokens, num_groups}, weights.options());
+
+  // launch
+  SMOE_CUDA_CHECK(cuda::route(kernel_dtype(logits), logits.const_data_ptr(),
+                              bias.defined() ? bias.const_data_ptr() : nullptr, num_tokens,
+                              num_experts, k, sigmoid, renormalize, num_groups, topk_groups,
+                              scale, group_scores.defined() ? group_scores.mutable_data_ptr()
+                                                            : nullptr,
+                              weights.mutable_data_ptr(), ids.mutable_data_ptr<int32_t>(),
+                              counts.mutable_data_ptr<int32_t>(), current_stream()));
+  return {weights, ids, counts};
+}
+
+at::Tensor route_backward_cuda(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
+                               const at::Tensor& ids_in, c10::string_view score,
+                               bool renormalize, double scale) {
+  // validate (id range: on the device, see routing.cu)
+  const char* op = "smoe_ops.route_backward";
+  check_logits(op, logits_in);
+  const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
+  const bool sigmoid = parse_score(op, std::string_view(score.data(), score.size()));
+  check_cuda(op, "ids", ids_in);
+  check_same_device(op, "ids", ids_in, "logits", logits_in);
+  check_rank(op, "ids", ids_in, 2, "[num_tokens, k]");
+  check_dtype(op, "ids", ids_in, at::kInt);
+  check_size(op, "ids", ids_in, 0, num_tokens, "num_tokens");
+  const int64_t k = ids_in.size(1);
+  check_k(op, k, num_experts);
+  check_cuda(op, "grad_weights", grad_weights_in);
+  check_same_device(op, "grad_weights", grad_weights_in, "logits", logits_in);
+  check_rank(op, "grad_weights", grad_weights_in, 2, "[num_tokens, k]");
+  check_dtype(op, "grad_weights", grad_weights_in, weight_dtype(logits_in.scalar_type()));
+  TORCH_CHECK_VALUE(grad_weights_in.sizes() == ids_in.sizes(), op,
+                    ": grad_weights must have the shape of ids ", shape_str(ids_in), ", got ",
+                    shape_str(grad_weights_in));
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+
+  // allocate
+  auto logits = logits_in.contiguous();
+  auto ids = ids_in.contiguous();
+  auto grad_weights = grad_weights_in.contiguous();
+  auto grad = at::empty_like(logits);
+  if (num_tokens == 0) return grad;
+
+  // launch
+  SMOE_CUDA_CHECK(cuda::route_backward(kernel_dtype(logits), grad_weights.const_data_ptr(),
+                                       logits.const_data_ptr(), ids.const_data_ptr<int32_t>(),
+                                       num_tokens, num_experts, k, sigmoid, renormalize, scale,
+                                       grad.mutable_data_ptr(), current_stream()));
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor> router_losses_cuda(const at::Tensor& logits_in,
+                                                      const at::Tensor& counts_in, int64_t k) {
+  // validate
+  const char* op = "smoe_ops.router_losses";
+  check_logits(op, logits_in);
+  const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
+  check_counts(op, counts_in, logits_in);
+  TORCH_CHECK_VALUE(k >= 1, op, ": k must be >= 1, got ", k);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+
+  // allocate
+  auto logits = logits_in.contiguous();
+  auto counts = counts_in.contiguous();
+  const auto options = logits.options().dtype(weight_dtype(logits.scalar_type()));
+  auto losses = at::empty({4}, options);
+  auto mean_probs = at::empty({num_experts}, options);
+  auto workspace = at::empty({cuda::router_losses_workspace_bytes(num_tokens, num_experts)},
+                             logits.options().dtype(at::kByte));
+
+  // launch
+  SMOE_CUDA_CHECK(cuda::router_losses(kernel_dtype(logits), logits.const_data_ptr(),
+                                      counts.const_data_ptr<int32_t>(), num_tokens, num_experts,
+                                      k, workspace.mutable_data_ptr(), losses.mutable_data_ptr(),
+                                      mean_probs.mutable_data_ptr(), current_stream()));
+  return {losses, mean_probs};
+}
+
+at::Tensor router_losses_backward_cuda(const at::Tensor& grad_losses_in,
+                                       const at::Tensor& logits_in, const at::Tensor& counts_in,
+                                       int64_t k, const at::Tensor& mean_probs_in) {
+  // validate
+  const char* op = "smoe_ops.router_losses_backward";
+  check_logits(op, logits_in);
+  const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
+  check_counts(op, counts_in, logits_in);
+  TORCH_CHECK_VALUE(k >= 1, op, ": k must be >= 1, got ", k);
+  const auto wdtype = weight_dtype(logits_in.scalar_type());
+  check_cuda(op, "grad_losses", grad_losses_in);
+  check_same_device(op, "grad_losses", grad_losses_in, "logits", logits_in);
+  check_rank(op, "grad_losses", grad_losses_in, 1, "[4]");
+  check_size(op, "grad_losses", grad_losses_in, 0, 4, "the number of losses");
+  check_dtype(op, "grad_losses", grad_losses_in, wdtype);
+  check_cuda(op, "mean_probs", mean_probs_in);
+  check_same_device(op, "mean_probs", mean_probs_in, "logits", logits_in);
+  check_rank(op, "mean_probs", mean_probs_in, 1, "[num_experts]");
+  check_size(op, "mean_probs", mean_probs_in, 0, num_experts, "num_experts");
+  check_dtype(op, "mean_probs", mean_probs_in, wdtype);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+
+  // allocate
+  auto logits = logits_in.contiguous();
+  auto grad = at::empty_like(logits);
+  if (num_tokens == 0) return grad;
+  auto counts = counts_in.contiguous();
+  auto grad_losses = grad_losses_in.contiguous();
+  auto mean_probs = mean_probs_in.contiguous();
+  auto workspace = at::empty({num_experts}, logits.options().dtype(wdtype));
+
+  // launch
+  SMOE_CUDA_CHECK(cuda::router_losses_backward(
+      kernel_dtype(logits), grad_losses.const_data_ptr(), logits.const_data_ptr(),
+      counts.const_data_ptr<int32_t>(), num_tokens, num_experts, k, mean_probs.const_data_ptr(),
+      workspace.mutable_data_ptr(), grad.mutable_data_ptr(), current_stream()));
+  return grad;
+}
+
+}  // namespace
+}  // namespace smoe
+
+TORCH_LIBRARY_IMPL(smoe_ops, CUDA, m) {
+  m.impl("route", &smoe::route_cuda);
+  m.impl("route_backward", &smoe::route_backward_cuda);
+  m.impl("router_losses", &smoe::router_losses_cuda);
+  m.impl("router_losses_backward", &smoe::router_losses_backward_cuda);
+}
