@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import smoe_ops
-from smoe_ops.reward import SparseMoERewardModel, train
+from smoe_ops.reward import Regularizers, SparseMoERewardModel, train
 from smoe_ops.reward.distributed import init_from_env
 from smoe_ops.reward.personalize import personalize
 from smoe_ops.reward.synthetic import prompt_regions, user_types
@@ -82,24 +82,43 @@ def training_problem(spec: dict):
     return model, data, (val if spec.get("validate") else None)
 
 
-def run_train(out_dir: str, spec: dict) -> None:
-    init_from_env(timeout=datetime.timedelta(seconds=spec.get("timeout", 30)))
-    model, data, val = training_problem(spec)
-    die_at = spec.get("die_at_step")
-    if die_at is not None and dist.get_rank() == spec.get("die_rank", 1):
-        _die_at_step(die_at)
-    history = train(model, data, val, progress=False, **spec["train"])
-    if dist.get_rank() == 0:
-        torch.save({name: t.clone() for name, t in model.state_dict().items()},
-                   os.path.join(out_dir, "model.pt"))
-        with open(os.path.join(out_dir, "history.json"), "w") as file:
-            json.dump(history, file)
-    if spec.get("personalize"):
-        users = user_types(9, 6, num_types=3, context_dim=6, response_dim=5, seed=1).data
-        profiles = personalize(model, users, "map", process_group=dist.group.WORLD)
+def run_train(out_dir: str, arguments: dict) -> None:
+    """Train every case of arguments["cases"] in turn; rank 0 saves model_{i}.pt,
+    history_{i}.json and (with "personalize") profiles_{i}.pt."""
+    init_from_env(timeout=datetime.timedelta(seconds=arguments.get("timeout", 30)))
+    for number, spec in enumerate(arguments["cases"]):
+        model, data, val = training_problem(spec)
+        die_at = spec.get("die_at_step")
+        if die_at is not None and dist.get_rank() == spec.get("die_rank", 1):
+            _die_at_step(die_at)
+        options = train_options(spec)
+        if options.get("checkpoint"):
+            options["checkpoint"] = os.path.join(out_dir, options["checkpoint"])
+        history = train(model, data, val, progress=False, **options)
         if dist.get_rank() == 0:
-            torch.save({user: p.logits for user, p in profiles.items()},
-                       os.path.join(out_dir, "profiles.pt"))
+            torch.save({name: t.clone() for name, t in model.state_dict().items()},
+                       os.path.join(out_dir, f"model_{number}.pt"))
+            with open(os.path.join(out_dir, f"history_{number}.json"), "w") as file:
+                json.dump(history, file)
+        if spec.get("personalize"):
+            profiles = personalize(model, personalize_data(), "map",
+                                   process_group=dist.group.WORLD)
+            if dist.get_rank() == 0:
+                torch.save({user: p.logits for user, p in profiles.items()},
+                           os.path.join(out_dir, f"profiles_{number}.pt"))
+
+
+def train_options(spec: dict) -> dict:
+    """The keyword arguments of `train` in a case (its regularizers given as a dict)."""
+    options = dict(spec["train"])
+    if "regularizers" in options:
+        options["regularizers"] = Regularizers(**options["regularizers"])
+    return options
+
+
+def personalize_data():
+    """Nine users' pairs, for sharding users across the ranks."""
+    return user_types(9, 6, num_types=3, context_dim=6, response_dim=5, seed=1).data
 
 
 def _die_at_step(step: int) -> None:
@@ -123,10 +142,11 @@ def run_never_arrives(out_dir: str, spec: dict) -> None:
 
 def main() -> None:
     scenario, out_dir, arguments = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    if scenario == "expert_parallel":
+    if scenario == "train":
+        run_train(out_dir, arguments)
+    elif scenario == "suite":  # one start of the ranks for both, as process starts dominate
         init_from_env(timeout=datetime.timedelta(seconds=30))
-        run_expert_parallel(out_dir, arguments)
-    elif scenario == "train":
+        run_expert_parallel(out_dir, arguments["expert_parallel"])
         run_train(out_dir, arguments)
     elif scenario == "never_arrives":
         run_never_arrives(out_dir, arguments)

@@ -83,6 +83,9 @@ def assert_all_succeeded(results) -> None:
 # -- expert parallel -------------------------------------------------------------------
 
 EXPERT_CASES = {
+    1: [
+        dict(tokens=[9], hidden=8, ffn=6, experts=5, k=2, seed=9),  # the exchange with itself
+    ],
     2: [
         dict(tokens=[5, 7], hidden=8, ffn=6, experts=4, k=2, seed=0),
         dict(tokens=[0, 6], hidden=8, ffn=6, experts=2, k=1, seed=1),  # a rank without tokens
@@ -100,13 +103,30 @@ EXPERT_CASES = {
 }
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_expert_parallel_matches_single_process(world, tmp_path):
-    assert_all_succeeded(launch("expert_parallel", world, tmp_path, EXPERT_CASES[world]))
-    ranks = [torch.load(tmp_path / f"expert_parallel_rank{r}.pt") for r in range(world)]
-    for got in ranks:  # E = 2 G + 1 experts cannot be shared out evenly
-        assert f"num_experts={2 * world + 1} must be divisible by the process group size " \
-            f"{world}" in got["indivisible_error"]
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """run(world) -> the output folder of one start of `world` ranks that ran the expert
+    parallel cases and then the training cases (starting processes is the slow part)."""
+    done = {}
+
+    def run(world):
+        if world not in done:
+            out = tmp_path_factory.mktemp(f"world{world}")
+            arguments = dict(expert_parallel=EXPERT_CASES[world], cases=TRAIN_CASES)
+            assert_all_succeeded(launch("suite", world, out, arguments, timeout=120))
+            done[world] = out
+        return done[world]
+
+    return run
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_expert_parallel_matches_single_process(world, suite):
+    out = suite(world)
+    ranks = [torch.load(out / f"expert_parallel_rank{r}.pt") for r in range(world)]
+    for got in ranks:  # E = 2 G + 1 experts cannot be shared out evenly over G > 1 ranks
+        expected = f"num_experts={2 * world + 1} must be divisible by the process group size"
+        assert world == 1 or f"{expected} {world}" in got["indivisible_error"]
     ranks = [got["cases"] for got in ranks]
     for number, case in enumerate(EXPERT_CASES[world]):
         x, router, w_in, w_out, grad = [t.requires_grad_() for t in expert_layer_inputs(case)]
@@ -144,3 +164,187 @@ def test_expert_parallel_needs_experts_divisible_by_group():
                 x, reference.router_weight, reference.w_in[:2], reference.w_out, 1)
     finally:
         dist.destroy_process_group()
+
+
+# -- data parallel training ------------------------------------------------------------
+
+TRAIN_CASES = [
+    # Validation, early stop after epoch 2 (restoring epoch 1), a last global batch of 40.
+    dict(pairs=410, seed=0, validate=True, personalize=True,
+         train=dict(epochs=4, batch_size=48, patience=1, lr=0.1)),
+    # MLP experts, reward-mixture, Switch balance; the last global batch has 3 pairs, so
+    # on 4 ranks one rank has none.
+    dict(pairs=410, seed=1, expert_hidden=4,
+         train=dict(epochs=2, batch_size=65, objective="reward_mixture",
+                    regularizers=dict(balance_kind="switch", balance=0.5))),
+    # The user-level mixture: whole users per rank, EM start on every rank.
+    dict(users=12, pairs_per_user=10, seed=2,
+         train=dict(epochs=2, batch_size=30, objective="user_mixture")),
+]
+
+# Float32 training: the ranks sum the same terms in another order, and a few AdamW steps
+# carry those last-bit differences into the weights.
+TRAINED_TOLERANCE = dict(rtol=1e-4, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def single_process_runs():
+    """(model state, history) of every training case in this process, no process group."""
+    from tests.distributed_worker import train_options
+
+    runs = []
+    for spec in TRAIN_CASES:
+        model, data, val = training_problem(spec)
+        history = train(model, data, val, progress=False, **train_options(spec))
+        runs.append((model, history))
+    return runs
+
+
+def assert_same_training(out_dir, number, model, history, **tolerance):
+    state = torch.load(out_dir / f"model_{number}.pt")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(state[name], value, msg=f"case {number}: {name}",
+                                   **(tolerance or TRAINED_TOLERANCE))
+    with open(out_dir / f"history_{number}.json") as file:
+        got = json.load(file)
+    assert [h["epoch"] for h in got] == [h["epoch"] for h in history]
+    for mine, theirs in zip(got, history):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+        assert mine["train_accuracy"] == pytest.approx(theirs["train_accuracy"], abs=0.01)
+        assert mine["val_accuracy"] == theirs["val_accuracy"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_data_parallel_training_matches_one_process(world, suite, single_process_runs):
+    assert len(single_process_runs[0][1]) == 3  # case 0 did stop early
+    out = suite(world)
+    for number, (model, history) in enumerate(single_process_runs):
+        assert_same_training(out, number, model, history)
+    # Users shared out over the ranks, profiles gathered: those of one process.
+    model = single_process_runs[0][0]
+    from tests.distributed_worker import personalize_data
+
+    expected = personalize(model, personalize_data(), "map")
+    got = torch.load(out / "profiles_0.pt")
+    assert sorted(got) == sorted(expected)
+    for user, profile in expected.items():
+        torch.testing.assert_close(got[user], profile.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_train_under_torchrun(tmp_path):
+    from smoe_ops import cli
+    from smoe_ops.reward import load
+
+    argv = ["train", "--synthetic", "prompt_regions", "--pairs", "300", "--types", "3",
+            "--experts", "4", "--epochs", "2", "--batch-size", "64", "--quiet"]
+    assert cli.main(argv + ["--out", str(tmp_path / "one")]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "smoe_ops.cli"] + argv + [
+               "--out", str(tmp_path / "two"), "--checkpoint-every", "2"]
+    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.count("| pairs |") == 1  # rank 0 alone prints its table
+    summary = json.loads((tmp_path / "two" / "train.json").read_text())
+    assert summary["processes"] == 2
+    one, two = load(tmp_path / "one" / "model.safetensors"), load(
+        tmp_path / "two" / "model.safetensors")
+    for name, value in one.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[name], value, msg=name,
+                                   **TRAINED_TOLERANCE)
+    state = torch.load(tmp_path / "two" / "train_state.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (2, 0)
+
+
+# -- faults ----------------------------------------------------------------------------
+
+FAULT_CASE = dict(pairs=410, seed=3, train=dict(epochs=4, batch_size=48))  # 7 steps / epoch
+CHECKPOINT_EVERY, DIE_AT_STEP = 5, 13
+
+
+def test_killed_rank_resumes_to_the_uninterrupted_model(tmp_path):
+    checkpointed = dict(FAULT_CASE, train=dict(FAULT_CASE["train"], checkpoint="state.pt",
+                                               checkpoint_every=CHECKPOINT_EVERY))
+    # Rank 1 is SIGKILLed at its 13th optimizer step; the launcher then kills rank 0.
+    killed = launch("train", 2, tmp_path, dict(cases=[dict(checkpointed,
+                                                           die_at_step=DIE_AT_STEP)]))
+    assert killed[1][0] == -9, killed[1][1][-2000:]
+    assert not (tmp_path / "model_0.pt").exists()
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    # Checkpoints came at steps 5, 7 (end of epoch 0) and 10: three steps were lost, fewer
+    # than one interval. No temporary file is left beside it.
+    assert state["global_step"] == 10 and (state["epoch"], state["step"]) == (1, 3)
+    assert DIE_AT_STEP - state["global_step"] <= CHECKPOINT_EVERY
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+
+    # The same command again, resuming, then an uninterrupted run in the same processes.
+    resumed = dict(checkpointed, train=dict(checkpointed["train"], resume=True))
+    assert_all_succeeded(launch("train", 2, tmp_path, dict(cases=[resumed, FAULT_CASE])))
+    after_resume = torch.load(tmp_path / "model_0.pt")
+    uninterrupted = torch.load(tmp_path / "model_1.pt")
+    # Same ranks, same batches, same reduction order: the resumed model is bit-identical.
+    for name, value in uninterrupted.items():
+        assert torch.equal(after_resume[name], value), name
+    with open(tmp_path / "history_0.json") as a, open(tmp_path / "history_1.json") as b:
+        first, second = json.load(a), json.load(b)
+    for mine, theirs in zip(first, second, strict=True):
+        assert mine["loss"] == theirs["loss"] and mine["epoch"] == theirs["epoch"]
+
+
+def test_rank_that_never_arrives_fails_with_a_timeout(tmp_path):
+    started = time.monotonic()
+    results = launch("never_arrives", 2, tmp_path, dict(timeout=2), timeout=60, ranks=[0])
+    code, log = results[0]
+    assert code != 0
+    assert "TimeoutError" in log and "waited 2 s for the other ranks" in log, log[-3000:]
+    assert time.monotonic() - started < 45
+
+
+def small_training():
+    return training_problem(dict(pairs=120, seed=4))
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    model, data, _ = small_training()
+    train(model, data, epochs=1, batch_size=32, progress=False, checkpoint=str(path))
+    before = path.read_bytes()
+
+    def dies_midway(payload, file):
+        file.write(b"partial")
+        raise KeyboardInterrupt  # interrupted halfway through writing
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    model, data, _ = small_training()
+    with pytest.raises(KeyboardInterrupt):
+        train(model, data, epochs=1, batch_size=32, progress=False, checkpoint=str(path))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+def test_resume_in_one_process_and_bad_resumes(tmp_path):
+    path = str(tmp_path / "state.pt")
+    model, data, _ = small_training()
+    whole = train(model, data, epochs=3, batch_size=32, progress=False)
+    first, data, _ = small_training()
+    train(first, data, epochs=1, batch_size=32, progress=False, checkpoint=path,
+          checkpoint_every=2)
+    resumed, data, _ = small_training()
+    history = train(resumed, data, epochs=3, batch_size=32, progress=False, checkpoint=path,
+                    resume=True)
+    assert [h["loss"] for h in history] == [h["loss"] for h in whole]
+    for name, value in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+    fresh, data, _ = small_training()  # resume=True without a checkpoint file: from scratch
+    train(fresh, data, epochs=1, batch_size=32, progress=False,
+          checkpoint=str(tmp_path / "none.pt"), resume=True)
+    with pytest.raises(FileNotFoundError, match="resume='missing.pt'"):
+        train(fresh, data, epochs=1, progress=False, resume="missing.pt")
+    with pytest.raises(ValueError, match="batch_size=32, this run has batch_size=16"):
+        train(fresh, data, epochs=1, batch_size=16, progress=False, resume=path)
+    with pytest.raises(ValueError, match="checkpoint_every needs a checkpoint path"):
+        train(fresh, data, epochs=1, progress=False, checkpoint_every=3)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a readable training checkpoint"):
+        train(fresh, data, epochs=1, progress=False, resume=str(tmp_path / "junk.pt"))

@@ -100,7 +100,8 @@ class DataParallelGroup:
     def create(cls, group: Optional[dist.ProcessGroup] = None) -> "DataParallelGroup":
         """A collective: every rank of `group` must call it, in the same order."""
         ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
-        stats_group = dist.new_group(ranks)
+        # gloo: the statistics, like the reward model's training, live on the CPU.
+        stats_group = dist.new_group(ranks, backend="gloo")
         return cls(group, stats_group, dist.get_rank(group), dist.get_world_size(group))
 
     @property
