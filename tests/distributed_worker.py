@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -88,9 +89,10 @@ def run_train(out_dir: str, arguments: dict) -> None:
     init_from_env(timeout=datetime.timedelta(seconds=arguments.get("timeout", 30)))
     for number, spec in enumerate(arguments["cases"]):
         model, data, val = training_problem(spec)
-        die_at = spec.get("die_at_step")
-        if die_at is not None and dist.get_rank() == spec.get("die_rank", 1):
-            _die_at_step(die_at)
+        for fault in ("die", "hang"):
+            at = spec.get(f"{fault}_at_step")
+            if at is not None and dist.get_rank() == spec.get("fault_rank", 1):
+                _fault_at_step(fault, at)
         options = train_options(spec)
         if options.get("checkpoint"):
             options["checkpoint"] = os.path.join(out_dir, options["checkpoint"])
@@ -121,18 +123,21 @@ def personalize_data():
     return user_types(9, 6, num_types=3, context_dim=6, response_dim=5, seed=1).data
 
 
-def _die_at_step(step: int) -> None:
-    """SIGKILL this process at its `step`-th optimizer step, as a crashed node would die:
-    no exception, no cleanup, the peers left waiting in a collective."""
+def _fault_at_step(fault: str, step: int) -> None:
+    """At this rank's `step`-th optimizer step, "die": SIGKILL itself, as a crashed node
+    dies (no exception, no cleanup, the peers left waiting in a collective); "hang": stop
+    answering, as a stuck node does."""
     original, taken = torch.optim.AdamW.step, [0]
 
-    def step_then_maybe_die(self, *args, **kwargs):
+    def step_then_fault(self, *args, **kwargs):
         taken[0] += 1
-        if taken[0] == step:
+        if taken[0] == step and fault == "die":
             os.kill(os.getpid(), signal.SIGKILL)
+        if taken[0] == step:
+            time.sleep(3600)
         return original(self, *args, **kwargs)
 
-    torch.optim.AdamW.step = step_then_maybe_die
+    torch.optim.AdamW.step = step_then_fault
 
 
 def run_never_arrives(out_dir: str, spec: dict) -> None:

@@ -43,10 +43,13 @@ def rank_env(world: int, port: int, rank: int) -> dict:
                 OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
-def launch(scenario, world, out_dir, arguments, timeout=60.0, ranks=None):
+def launch(scenario, world, out_dir, arguments, timeout=60.0, ranks=None,
+           kill_on_failure=True, wait_for=None):
     """Run the worker's `scenario` as ranks `ranks` (default all) of `world`; returns
-    {rank: (return code, log text)}. A rank that fails gets the others killed; past
-    `timeout` seconds every rank is killed and the test fails."""
+    {rank: (return code, log text)} once the ranks `wait_for` (default all) have ended;
+    the others are killed then. A rank that fails gets the others killed (unless
+    kill_on_failure is False); past `timeout` seconds every rank is killed and the test
+    fails."""
     port, logs, procs = free_port(), {}, {}
     os.makedirs(out_dir, exist_ok=True)
     for rank in range(world) if ranks is None else ranks:
@@ -56,10 +59,10 @@ def launch(scenario, world, out_dir, arguments, timeout=60.0, ranks=None):
             env=rank_env(world, port, rank), stdout=logs[rank], stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     try:
-        while any(p.poll() is None for p in procs.values()):
+        while any(procs[rank].poll() is None for rank in wait_for or procs):
             if time.monotonic() > deadline:
                 pytest.fail(f"{scenario} on {world} ranks ran past {timeout} s")
-            if any(p.poll() not in (None, 0) for p in procs.values()):
+            if kill_on_failure and any(p.poll() not in (None, 0) for p in procs.values()):
                 break
             time.sleep(0.05)
     finally:
@@ -265,10 +268,15 @@ CHECKPOINT_EVERY, DIE_AT_STEP = 5, 13
 def test_killed_rank_resumes_to_the_uninterrupted_model(tmp_path):
     checkpointed = dict(FAULT_CASE, train=dict(FAULT_CASE["train"], checkpoint="state.pt",
                                                checkpoint_every=CHECKPOINT_EVERY))
-    # Rank 1 is SIGKILLed at its 13th optimizer step; the launcher then kills rank 0.
+    # Rank 1 is SIGKILLed at its 13th optimizer step; rank 0 must fail on its own, with
+    # the step and the way back, not hang.
     killed = launch("train", 2, tmp_path, dict(cases=[dict(checkpointed,
-                                                           die_at_step=DIE_AT_STEP)]))
+                                                           die_at_step=DIE_AT_STEP)]),
+                    kill_on_failure=False)
     assert killed[1][0] == -9, killed[1][1][-2000:]
+    assert killed[0][0] == 1 and "a peer died or stopped answering" in killed[0][1], \
+        killed[0][1][-3000:]
+    assert "restart with resume=True to continue from" in killed[0][1]
     assert not (tmp_path / "model_0.pt").exists()
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     # Checkpoints came at steps 5, 7 (end of epoch 0) and 10: three steps were lost, fewer
@@ -298,6 +306,16 @@ def test_rank_that_never_arrives_fails_with_a_timeout(tmp_path):
     assert code != 0
     assert "TimeoutError" in log and "waited 2 s for the other ranks" in log, log[-3000:]
     assert time.monotonic() - started < 45
+
+
+def test_stuck_rank_fails_the_job_with_a_timeout(tmp_path):
+    # Rank 1 stops answering at its 3rd step; rank 0 gives up after the 3 s group timeout.
+    case = dict(pairs=100, seed=5, hang_at_step=3, train=dict(epochs=1, batch_size=16))
+    results = launch("train", 2, tmp_path, dict(cases=[case], timeout=3), timeout=60,
+                     kill_on_failure=False, wait_for=[0])
+    code, log = results[0]
+    assert code == 1 and "a peer died or stopped answering" in log, log[-3000:]
+    assert "Timed out" in log or "timed out" in log
 
 
 def small_training():

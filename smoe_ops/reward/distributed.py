@@ -81,6 +81,16 @@ def _is_timeout(error: BaseException) -> bool:
         or "timeout" in text
 
 
+def _group_timeout(group) -> Optional[datetime.timedelta]:
+    """The timeout `group` was created with, or None (torch's default) where it cannot be
+    read: torch has no public getter, so this reads the CPU backend's options."""
+    try:
+        backend = (group or dist.group.WORLD)._get_backend(torch.device("cpu"))
+        return backend.options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
 @dataclass
 class DataParallelGroup:
     """The ranks that train one model together.
@@ -100,8 +110,10 @@ class DataParallelGroup:
     def create(cls, group: Optional[dist.ProcessGroup] = None) -> "DataParallelGroup":
         """A collective: every rank of `group` must call it, in the same order."""
         ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
-        # gloo: the statistics, like the reward model's training, live on the CPU.
-        stats_group = dist.new_group(ranks, backend="gloo")
+        # gloo: the statistics, like the reward model's training, live on the CPU. The
+        # main group's timeout: new_group's default is 30 minutes, whatever the main
+        # group's is, and a stuck peer must fail the job as soon as it does there.
+        stats_group = dist.new_group(ranks, backend="gloo", timeout=_group_timeout(group))
         return cls(group, stats_group, dist.get_rank(group), dist.get_world_size(group))
 
     @property

@@ -1,12 +1,14 @@
 """`train` (AdamW on a mixture Bradley-Terry objective plus regularizers), `evaluate`,
 and checkpoints (`save` / `load`: one safetensors file, config as JSON in its header)."""
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -244,72 +246,129 @@ def train(
         step_loss = DistributedDataParallel(step_loss, process_group=parallel.group,
                                             find_unused_parameters=True,
                                             forward_sync_buffers=False)
-    history = state["history"]
+    run = _Run(model, data, val_data, objective, step_loss, optimizer, parallel, options,
+               state, checkpoint, checkpoint_every)
     bar = tqdm(range(state["epoch"], epochs), desc="train", disable=not (progress and is_main),
                unit="epoch", initial=state["epoch"], total=epochs)
-    for epoch in bar:
-        if state["stopped"]:
-            break
-        started = time.perf_counter()
-        # The generator as it was before this epoch's draws (a fresh seed, the end of the
-        # last epoch, or a checkpoint's), so a resumed epoch redraws the same batches.
-        generator.set_state(state["epoch_generator"])
-        batches = _epoch_batches(data, batch_size, generator, user_level)
-        # The checkpoint's partial sums are over all ranks: rank 0 alone carries them on.
-        totals = torch.tensor(state["partial"] if is_main else [0.0, 0.0], dtype=torch.float64)
-        model.train()
+    with _peer_failures(parallel, state, checkpoint):
+        for epoch in bar:
+            if state["stopped"]:
+                break
+            started = time.perf_counter()
+            # The generator as it was before this epoch's draws (a fresh seed, the end of
+            # the last epoch, or a checkpoint's), so a resumed epoch redraws its batches.
+            generator.set_state(state["epoch_generator"])
+            batches = _epoch_batches(data, batch_size, generator, user_level)
+            totals = run.steps(epoch, batches)
+            record = run.end_epoch(epoch, totals, started)
+            bar.set_postfix(_shown(record))
+            state.update(epoch=epoch + 1, step=0, partial=[0.0, 0.0],
+                         epoch_generator=generator.get_state())
+            if val_data is not None:
+                _early_stopping(state, record, model, patience, is_main)
+            if checkpoint:
+                _save_train_state(checkpoint, model, optimizer, options, state, is_main)
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
+    return state["history"]
+
+
+@dataclass
+class _Run:
+    """What the epochs of one `train` call share."""
+
+    model: SparseMoERewardModel
+    data: PreferenceData
+    val_data: Optional[PreferenceData]
+    objective: str
+    step_loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    parallel: Optional[DataParallelGroup]
+    options: dict
+    state: dict
+    checkpoint: Optional[str]
+    checkpoint_every: Optional[int]
+
+    @property
+    def is_main(self) -> bool:
+        return self.parallel is None or self.parallel.is_main
+
+    def steps(self, epoch: int, batches: list) -> torch.Tensor:
+        """The optimizer steps of one epoch from state["step"] on; returns this rank's
+        [loss x pairs, correct pairs] over them (rank 0 adds a resumed epoch's earlier
+        steps, which the checkpoint holds summed over all ranks)."""
+        state, parallel = self.state, self.parallel
+        user_ids = self.data.user_ids if self.objective == "user_mixture" else None
+        totals = torch.tensor(state["partial"] if self.is_main else [0.0, 0.0],
+                              dtype=torch.float64)
+        self.model.train()
         for step in range(state["step"], len(batches)):
             index = batches[step]
-            global_rows = len(index)
-            if user_level:
-                global_rows = len(torch.unique(data.user_ids[index]))
+            # Rows of the router's logits: pairs, or the users of a user-level batch.
+            global_rows = len(index) if user_ids is None else len(user_ids[index].unique())
             if parallel is not None:
-                ids = data.user_ids if user_level else None
-                index = local_share(index, parallel.rank, parallel.world_size, ids)
-            loss, weighted_loss, correct = step_loss(data[index], len(batches[step]),
-                                                     global_rows)
-            optimizer.zero_grad(set_to_none=True)
+                index = local_share(index, parallel.rank, parallel.world_size, user_ids)
+            loss, weighted_loss, correct = self.step_loss(self.data[index],
+                                                          len(batches[step]), global_rows)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            self.optimizer.step()
             totals += torch.stack([weighted_loss.double(), correct.double()])
             state["global_step"] += 1
-            last = step + 1 == len(batches)
-            due = checkpoint_every and state["global_step"] % checkpoint_every == 0
-            if checkpoint and due and not last:
+            due = self.checkpoint_every and state["global_step"] % self.checkpoint_every == 0
+            if self.checkpoint and due and step + 1 < len(batches):
                 state.update(epoch=epoch, step=step + 1)
                 state["partial"] = _global_totals(totals, parallel).tolist()
-                _save_train_state(checkpoint, model, optimizer, options, state, is_main)
-        model.eval()
-        totals = _global_totals(totals, parallel)
-        if val_data is None:
+                _save_train_state(self.checkpoint, self.model, self.optimizer, self.options,
+                                  state, self.is_main)
+        return totals
+
+    def end_epoch(self, epoch: int, totals: torch.Tensor, started: float) -> dict:
+        """The epoch's history record (appended to state["history"]), over all ranks."""
+        self.model.eval()
+        totals = _global_totals(totals, self.parallel)
+        if self.val_data is None:
             val_accuracy = None
-        elif parallel is None:
-            val_accuracy = evaluate(model, val_data, objective)
+        elif self.parallel is None:
+            val_accuracy = evaluate(self.model, self.val_data, self.objective)
         else:
-            val_accuracy = _distributed_evaluate(model, val_data, objective, parallel)
+            val_accuracy = _distributed_evaluate(self.model, self.val_data, self.objective,
+                                                 self.parallel)
         record = dict(
             epoch=epoch,
-            loss=float(totals[0]) / len(data),
-            train_accuracy=float(totals[1]) / len(data),
+            loss=float(totals[0]) / len(self.data),
+            train_accuracy=float(totals[1]) / len(self.data),
             val_accuracy=val_accuracy,
             seconds=time.perf_counter() - started,
         )
-        history.append(record)
-        shown = {"loss": f"{record['loss']:.4f}", "acc": f"{record['train_accuracy']:.3f}"}
-        if val_data is not None:
-            shown["val"] = f"{record['val_accuracy']:.3f}"
-        bar.set_postfix(shown)
-        if is_main:
-            logger.info("epoch %d: %s", epoch, shown)
-        state.update(epoch=epoch + 1, step=0, partial=[0.0, 0.0],
-                     epoch_generator=generator.get_state())
-        if val_data is not None:
-            _early_stopping(state, record, model, patience, is_main)
-        if checkpoint:
-            _save_train_state(checkpoint, model, optimizer, options, state, is_main)
-    if state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])
-    return history
+        self.state["history"].append(record)
+        if self.is_main:
+            logger.info("epoch %d: %s", epoch, _shown(record))
+        return record
+
+
+def _shown(record: dict) -> dict:
+    shown = {"loss": f"{record['loss']:.4f}", "acc": f"{record['train_accuracy']:.3f}"}
+    if record["val_accuracy"] is not None:
+        shown["val"] = f"{record['val_accuracy']:.3f}"
+    return shown
+
+
+@contextlib.contextmanager
+def _peer_failures(parallel, state, checkpoint):
+    """Names the step and the way back when a collective fails: gloo raises once a peer's
+    connection drops (a dead rank) or after the group's timeout (a stuck one)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if parallel is None:
+            raise
+        way_back = (f"restart with resume=True to continue from {checkpoint}" if checkpoint
+                    else "no checkpoint was set, so a restart starts afresh")
+        raise RuntimeError(
+            f"train: rank {parallel.rank} of {parallel.world_size} failed after optimizer "
+            f"step {state['global_step']}: a peer died or stopped answering ({error}); "
+            f"{way_back}") from error
 
 
 def _check_train_arguments(model, data, objective, user_init, checkpoint, checkpoint_every,
