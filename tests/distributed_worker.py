@@ -30,7 +30,9 @@ def expert_layer_inputs(case: dict):
     x = torch.randn(sum(case["tokens"]), hidden, generator=g, dtype=torch.float64)
     router = torch.randn(hidden, experts, generator=g, dtype=torch.float64)
     if case.get("one_expert") is not None:
-        router[:, case["one_expert"]] += 1e3 * torch.sign(x.sum(0))  # every token picks it
+        # A constant feature with a large router weight: every token picks this expert.
+        x[:, 0] = 1.0
+        router[0, case["one_expert"]] += 1e3
     w_in = torch.randn(experts, hidden, 2 * ffn, generator=g, dtype=torch.float64) / hidden**0.5
     w_out = torch.randn(experts, ffn, hidden, generator=g, dtype=torch.float64) / ffn**0.5
     grad = torch.randn(x.shape[0], hidden, generator=g, dtype=torch.float64)

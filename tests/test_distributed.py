@@ -135,6 +135,9 @@ def test_expert_parallel_matches_single_process(world, suite):
         x, router, w_in, w_out, grad = [t.requires_grad_() for t in expert_layer_inputs(case)]
         y, _aux = smoe_ops.moe_ffn(x, router, w_in, w_out, case["k"])
         (y * grad).sum().backward()
+        if "one_expert" in case:  # every row to one expert: the other ranks receive none
+            counts = smoe_ops.route(x.detach() @ router.detach(), case["k"]).counts
+            assert counts[case["one_expert"]] == x.shape[0]
         got = [r[number] for r in ranks]
         label = f"case {number} {case}"
         assert_close(torch.cat([g["y"] for g in got]), y, msg=label)
