@@ -18,9 +18,8 @@ import torch
 import torch.distributed as dist
 
 import smoe_ops
-from smoe_ops.reward import SparseMoERewardModel, train
+from smoe_ops.reward import train
 from smoe_ops.reward.personalize import personalize
-from smoe_ops.reward.synthetic import user_types
 from tests.distributed_worker import expert_layer_inputs, training_problem
 from tests.helpers import assert_close
 
@@ -152,7 +151,7 @@ def test_expert_parallel_matches_single_process(world, suite):
             for r in range(world)]
 
 
-def test_expert_parallel_needs_experts_divisible_by_group():
+def test_expert_parallel_on_one_rank_is_the_layer_and_checks_shapes():
     store = dist.HashStore()
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:

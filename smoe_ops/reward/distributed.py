@@ -72,6 +72,7 @@ def init_from_env(backend: Optional[str] = None,
             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} and not all "
             f"arrived; start all {world_size} ranks, or raise the timeout ({error})"
         ) from error
+    logger.info("joined a %s group: rank %d of %d", backend, dist.get_rank(), world_size)
     return True
 
 
