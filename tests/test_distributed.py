@@ -42,13 +42,22 @@ def rank_env(world: int, port: int, rank: int) -> dict:
                 OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
-def launch(scenario, world, out_dir, arguments, timeout=60.0, ranks=None,
-           kill_on_failure=True, wait_for=None):
+def launch(*args, **kwargs):
     """Run the worker's `scenario` as ranks `ranks` (default all) of `world`; returns
     {rank: (return code, log text)} once the ranks `wait_for` (default all) have ended;
     the others are killed then. A rank that fails gets the others killed (unless
     kill_on_failure is False); past `timeout` seconds every rank is killed and the test
-    fails."""
+    fails. The port is free when picked, but another process may bind it before rank 0
+    does: such a start is tried again on another port, twice at most."""
+    for _attempt in range(3):
+        results = _launch_once(*args, **kwargs)
+        if not any("Address already in use" in log for _code, log in results.values()):
+            break
+    return results
+
+
+def _launch_once(scenario, world, out_dir, arguments, timeout=60.0, ranks=None,
+                 kill_on_failure=True, wait_for=None):
     port, logs, procs = free_port(), {}, {}
     os.makedirs(out_dir, exist_ok=True)
     for rank in range(world) if ranks is None else ranks:
