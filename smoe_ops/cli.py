@@ -3,6 +3,7 @@
     smoe-ops demo --out runs/demo          # train, report, personalize, cost: ~2 minutes
     smoe-ops train --synthetic prompt_regions --out runs/regions
     smoe-ops train --data pairs.jsonl --encoder minilm --out runs/text
+    torchrun --nproc-per-node 4 -m smoe_ops.cli train --synthetic prompt_regions --out runs/dp
     smoe-ops report --model runs/regions/model.safetensors --data runs/regions/val.safetensors
     smoe-ops info
 
@@ -104,13 +105,33 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_train(args) -> int:
+    import datetime
+
+    import torch.distributed as dist
+
+    from smoe_ops.reward.distributed import init_from_env
+
+    # Under torchrun every rank runs this command; rank 0 alone prints and writes files.
+    # gloo: the reward model trains on the CPU. TODO: NCCL once train moves to a device.
+    distributed = init_from_env(backend="gloo",
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
+    is_main = not distributed or dist.get_rank() == 0
+    try:
+        return _train_and_write(args, is_main, dist.get_world_size() if distributed else 1)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _train_and_write(args, is_main: bool, world_size: int) -> int:
     from smoe_ops.reward import Regularizers, evaluate, save, train
 
     os.makedirs(args.out, exist_ok=True)
     if args.synthetic:
         data, info = _synthetic(args.synthetic, args)
     else:
-        data, info = load_data(args.data, args.encoder, args.cache_dir, not args.quiet)
+        data, info = load_data(args.data, args.encoder, args.cache_dir,
+                               not args.quiet and is_main)
     train_data, val_data = data.split(1.0 - args.val_fraction, seed=args.seed)
     if len(val_data) == 0:
         val_data = None
@@ -121,8 +142,12 @@ def cmd_train(args) -> int:
     history = train(model, train_data, val_data, epochs=args.epochs,
                     batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                     objective=args.objective, regularizers=regularizers, seed=args.seed,
-                    patience=args.patience, progress=not args.quiet)
+                    patience=args.patience, progress=not args.quiet,
+                    checkpoint=os.path.join(args.out, "train_state.pt"),
+                    checkpoint_every=args.checkpoint_every, resume=args.resume)
     seconds = time.perf_counter() - started
+    if not is_main:
+        return 0
 
     model_path = os.path.join(args.out, "model.safetensors")
     save(model, model_path)
@@ -132,7 +157,7 @@ def cmd_train(args) -> int:
         train_accuracy=evaluate(model, train_data, args.objective),
         val_accuracy=None if val_data is None else evaluate(model, val_data, args.objective),
         regularizers=dataclasses.asdict(regularizers), objective=args.objective,
-        history=history)
+        processes=world_size, history=history)
     if val_data is not None:
         val_path = os.path.join(args.out, "val.safetensors")
         val_data.save_safetensors(val_path)
@@ -235,6 +260,14 @@ def _add_train(commands) -> None:
     parser.add_argument("--balance-kind", choices=("kl", "switch"), default="kl")
     parser.add_argument("--diversity", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int,
+                        help="also write OUT/train_state.pt every this many optimizer steps "
+                             "(it is always written at the end of every epoch)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/train_state.pt if it exists")
+    parser.add_argument("--dist-timeout", type=float, default=600.0,
+                        help="under torchrun: seconds a rank waits for the others before "
+                             "the job fails")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=cmd_train)
 

@@ -291,7 +291,8 @@ def personalize_batch(model, data: PreferenceData, method: str = "map", *,
 
 def personalize(model, user_data: PreferenceData, method: str = "map", *,
                 prior_strength: float = 0.5, steps: int = 8, eta: float = 1.0,
-                tau: float = 1.0) -> Union[UserProfile, Dict[int, UserProfile]]:
+                tau: float = 1.0, process_group=None
+                ) -> Union[UserProfile, Dict[int, UserProfile]]:
     """Personalize the frozen `model` to the labelled pairs of a user (or of many).
 
     Args:
@@ -305,6 +306,11 @@ def personalize(model, user_data: PreferenceData, method: str = "map", *,
         steps: map: Newton steps.
         eta: hedge: learning rate (1: the Bayes posterior under the population prior).
         tau: softmax: temperature.
+        process_group: many users only: a torch.distributed group whose ranks all call
+            personalize with the same model and data; the users are shared out across
+            the ranks (contiguous runs of the sorted ids), each rank fits its own, and
+            all_gather_object hands every rank all the profiles. Users are fitted
+            independently, so the profiles are those of one process up to float rounding.
     A user without pairs gets the population profile and a warning.
     """
     _check(model, user_data, method)
@@ -312,11 +318,30 @@ def personalize(model, user_data: PreferenceData, method: str = "map", *,
         logger.warning("personalize: the user has no labelled pairs; using the population "
                        "profile")
         return UserProfile(torch.zeros(model.num_experts), True, "population", 0, -1)
-    batch = personalize_batch(model, user_data, method, prior_strength=prior_strength,
-                              steps=steps, eta=eta, tau=tau)
-    if bool((user_data.user_ids >= 0).any()):
-        return batch.profiles()
-    return batch.profiles()[-1]
+    options = dict(prior_strength=prior_strength, steps=steps, eta=eta, tau=tau)
+    if not bool((user_data.user_ids >= 0).any()):
+        return personalize_batch(model, user_data, method, **options).profiles()[-1]
+    if process_group is None:
+        return personalize_batch(model, user_data, method, **options).profiles()
+    return _personalize_sharded(model, user_data, method, options, process_group)
+
+
+def _personalize_sharded(model, user_data, method, options, group) -> Dict[int, UserProfile]:
+    """personalize's many-user path with the users shared out over the ranks of `group`."""
+    import torch.distributed as dist
+
+    users = torch.unique(user_data.user_ids)
+    mine = users.tensor_split(dist.get_world_size(group))[dist.get_rank(group)]
+    profiles = {}
+    if len(mine):
+        pairs = torch.isin(user_data.user_ids, mine).nonzero().squeeze(1)
+        profiles = personalize_batch(model, user_data[pairs], method, **options).profiles()
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, profiles, group=group)
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    return dict(sorted(merged.items()))
 
 
 @torch.no_grad()
