@@ -105,6 +105,9 @@ def test_checkpoint_keeps_the_flag(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.population_logits(torch.eye(3)),
                                    model.population_logits(torch.eye(3)))
+    # A config written before the flag existed builds the mean-prior model it described.
+    old = {key: value for key, value in model.config.items() if key != "router_prior"}
+    assert SparseMoERewardModel(**old).config["router_prior"] is False
 
 
 def test_errors_name_the_problem():
