@@ -60,7 +60,7 @@ GRID_EM_L2 = (0.3, 1.0)
 # every K and k tried, and each MAP setting costs as much as the rest of the grid.
 GRID_METHODS = (("map", dict(prior_strength=0.1)), ("hedge", dict(eta=1.0)),
                 ("softmax", dict(tau=1.0)))
-GRID_LOGISTIC_L2 = (0.03, 0.1, 0.3, 1.0, 3.0)
+GRID_LOGISTIC_L2 = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 ROUTER_L2 = 0.01
 # Gradient epochs after the EM start (no regularizers: they act on a pair-level router,
 # which a user-level model does not train). Fixed, not tuned: on Topmodel2007 and
@@ -172,11 +172,12 @@ def routing_labels(model, data):
 
 
 def covariate_groups(info, users) -> Dict[str, torch.Tensor]:
-    """Group label of each rater per covariate: factor levels, numeric columns cut at their
-    median over all raters (missing: a group of its own)."""
+    """Group label of each rater per covariate the router sees: factor levels, numeric
+    columns cut at their median over all raters (missing: a group of its own)."""
+    routed = {name.split("=")[0] for name in info.covariate_names}
     groups = {}
     for name, column in info.covariates.items():
-        if name in ("id",):
+        if name not in routed:
             continue
         values = column[users.numpy()]
         if column.dtype.kind == "f":
@@ -407,6 +408,10 @@ def _dataset_section(result: Result) -> List[str]:
         experts, k, em_l2, method, options, score = choice
         lines.append(f"- fold {fold}: K={experts}, k={k}, EM L2={em_l2}, {method} {options}; "
                      f"{100 * score:.1f}%; logistic L2={l2}")
+    if not result.routing:
+        lines += ["", "No rater covariates: the router sees a constant, so every new rater "
+                  "starts from the same prior.", ""]
+        return lines
     lines += ["", "Routing of the held-out raters against their covariates (mean over "
               "folds). prior: top expert of the covariate-routed prior; posterior: top "
               "expert after all the rater's pairs (hedge). chance: NMI against randomly "
