@@ -27,14 +27,14 @@ from smoe_ops.reward.model import SparseMoERewardModel, dense, single_head
 from smoe_ops.reward.personalization import UserProfile, personalize, shift_report, update
 from smoe_ops.reward.report import ExpertCard, RoutingReport, expert_cards, routing_report
 from smoe_ops.reward.text import HashingEncoder, JsonlInfo, MiniLMEncoder, load_jsonl
-from smoe_ops.reward.train import evaluate, load, save, train
+from smoe_ops.reward.train import evaluate, fit_router_prior, load, save, train
 
 __all__ = [
     "ExpertCard", "HashingEncoder", "JsonlInfo", "MiniLMEncoder", "PreferenceData",
     "Regularizers", "RoutingReport", "ScalarRewardModel", "SparseMoERewardModel",
     "TextRewardFunction", "UserProfile", "dense", "diversity_loss", "evaluate",
-    "expert_cards", "load", "load_jsonl", "mixture_bt_loss", "pair_accuracy", "personalize",
-    "preference_probability", "reward_function", "reward_mixture_bt_loss", "routing_report",
-    "save", "shift_report", "single_head", "synthetic", "text", "train", "update",
-    "user_mixture_bt_loss",
+    "expert_cards", "fit_router_prior", "load", "load_jsonl", "mixture_bt_loss",
+    "pair_accuracy", "personalize", "preference_probability", "reward_function",
+    "reward_mixture_bt_loss", "routing_report", "save", "shift_report", "single_head",
+    "synthetic", "text", "train", "update", "user_mixture_bt_loss",
 ]  # fmt: skip

@@ -56,6 +56,11 @@ class SparseMoERewardModel(nn.Module):
             [K, H, 1], expert_bias [K] (the output bias), in the layouts `grouped_mm`
             reads, and, only when prior_scale > 0, the fixed prior MLP as buffers
             prior_w_in [K, Dr, H], prior_b_in [K, H], prior_w_out [K, H, 1].
+        router_prior: with num_users only. False: a user outside the training set starts
+            from the training users' mean routing, the same for every context. True: it
+            starts from router(context), a prior over the experts that depends on who the
+            user is (e.g. rater covariates), fitted after training by
+            `smoe_ops.reward.train.fit_router_prior`.
 
     The MLP experts use GELU: near 0 it is 0.5 z + O(z^2), so a freshly built MLP expert
     starts close to a linear one (the kind of reward the linear model already fits) and
@@ -77,6 +82,7 @@ class SparseMoERewardModel(nn.Module):
         seed: Optional[int] = 0,
         num_users: Optional[int] = None,
         expert_hidden: Optional[int] = None,
+        router_prior: bool = False,
     ):
         super().__init__()
         if not 1 <= k <= num_experts:
@@ -87,6 +93,11 @@ class SparseMoERewardModel(nn.Module):
             raise ValueError(
                 "SparseMoERewardModel: context_dim and response_dim must be >= 1, got "
                 f"{context_dim} and {response_dim}"
+            )
+        if router_prior and num_users is None:
+            raise ValueError(
+                "SparseMoERewardModel: router_prior=True needs num_users (a context-routed "
+                "model's router is already its population routing), got num_users=None"
             )
         if score not in ("softmax", "sigmoid"):
             raise ValueError(
@@ -110,6 +121,7 @@ class SparseMoERewardModel(nn.Module):
             score=score,
             num_users=num_users,
             expert_hidden=expert_hidden,
+            router_prior=bool(router_prior),
         )
         fork = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
         with fork:
@@ -277,9 +289,10 @@ class SparseMoERewardModel(nn.Module):
         Context-routed models: the router's logits. A model built with num_users routes
         its users by their own logits and never trains the router; a new user starts from
         the log of the training users' mean routing, the prior over the user types, the
-        same row for every context.
+        same row for every context, or, with router_prior, from the router's logits for its
+        context (fitted by `fit_router_prior` to the training users' routing).
         """
-        if self.config["num_users"] is not None:
+        if self.config["num_users"] is not None and not self.config.get("router_prior"):
             prior = torch.softmax(self.user_logits, dim=1).mean(0)
             return prior.clamp_min(1e-30).log().expand(context.shape[0], -1)
         return self.router(context)

@@ -33,7 +33,7 @@ from smoe_ops.reward.losses import (
 )
 from smoe_ops.reward.model import SparseMoERewardModel
 
-__all__ = ["evaluate", "load", "save", "train"]
+__all__ = ["evaluate", "fit_router_prior", "load", "save", "train"]
 
 logger = logging.getLogger("smoe_ops")
 
@@ -469,6 +469,67 @@ def _load_train_state(path, model, optimizer, options) -> dict:
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     return {name: payload[name] for name in _STATE_KEYS}
+
+
+def fit_router_prior(model: SparseMoERewardModel, data: PreferenceData, l2: float = 0.01,
+                     steps: int = 200) -> float:
+    """Fit the router of a user-level model (built with num_users and router_prior=True) to
+    predict each training user's routing from its context: the prior a new user starts
+    from becomes a function of who it is (a latent-class model with covariates, fitted in
+    two stages: the types by `train`, then this).
+
+    Minimizes, over the router's parameters only (experts and user logits stay as they
+    are), the mean over the users of `data` of the cross-entropy between the user's full
+    routing softmax(user_logits[u]) and softmax(router(x_u)), plus l2 / 2 times the
+    squared norm of the router's weight matrices (biases are free). x_u is the mean
+    context of the user's pairs (pairs of one user normally share it: rater covariates).
+    L-BFGS, `steps` iterations at most; deterministic.
+
+    Returns: the final objective.
+    """
+    if model.config.get("num_users") is None or not model.config.get("router_prior"):
+        raise ValueError(
+            "fit_router_prior: the model needs num_users and router_prior=True, got "
+            f"num_users={model.config.get('num_users')}, "
+            f"router_prior={model.config.get('router_prior')}")
+    if not l2 >= 0 or steps < 1:
+        raise ValueError(f"fit_router_prior: need l2 >= 0 and steps >= 1, got {l2}, {steps}")
+    if len(data) == 0 or bool((data.user_ids < 0).any()):
+        raise ValueError("fit_router_prior: data needs pairs, each with its user id (>= 0)")
+    if data.context_dim != model.config["context_dim"]:
+        raise ValueError(f"fit_router_prior: data has context_dim={data.context_dim}, the "
+                         f"model expects {model.config['context_dim']}")
+    if int(data.user_ids.max()) >= model.config["num_users"]:
+        raise ValueError(f"fit_router_prior: user ids must be in [0, "
+                         f"{model.config['num_users']}), got max {int(data.user_ids.max())}")
+    users, rows = torch.unique(data.user_ids, return_inverse=True)
+    counts = torch.bincount(rows, minlength=len(users)).to(data.context.dtype)
+    contexts = torch.zeros(len(users), data.context_dim).index_add(0, rows, data.context)
+    contexts = contexts / counts[:, None]
+    with torch.no_grad():
+        targets = torch.softmax(model.user_logits[users].float(), 1)
+    weights = [parameter for name, parameter in model.router.named_parameters()
+               if name.endswith("weight")]
+    optimizer = torch.optim.LBFGS(model.router.parameters(), max_iter=steps,
+                                  line_search_fn="strong_wolfe")
+
+    def objective():
+        log_prior = torch.log_softmax(model.router(contexts), 1)
+        loss = -(targets * log_prior).sum(1).mean()
+        return loss + 0.5 * l2 * sum(weight.square().sum() for weight in weights)
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        final = float(objective())
+    logger.info("fit_router_prior: %d users, objective %.4f", len(users), final)
+    return final
 
 
 def save(model: SparseMoERewardModel, path) -> None:
