@@ -176,9 +176,9 @@ def markdown(scoring, personalization, bandwidth_gbs: float, command: str) -> st
     lines = [
         "# Inference cost of the sparse MoE reward model",
         "",
-        f"Written by `{command}` at git {git_sha()} on {machine()}, "
-        f"{torch.get_num_threads()} threads. Median of several timed blocks per row, after "
-        "a warm-up; features cached (384-d context and response rows in memory).",
+        f"Written by `{command}` at git {git_sha()} on {machine()}. Median of several "
+        "timed blocks per row, after a warm-up; features cached (384-d context and "
+        "response rows in memory).",
         "",
         "Per pair: the router's K logits (a [B, 384] x [384, K] product, whatever k is), "
         "top-k routing, and the k routed experts. The router, routing and experts columns "
