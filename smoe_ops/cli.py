@@ -294,9 +294,9 @@ def _add_demo(commands) -> None:
                         "smoe-demo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pairs", type=int, default=20000, help="prompt-region pairs")
-    parser.add_argument("--train-users", type=int, default=200)
+    parser.add_argument("--train-users", type=int, default=300)
     parser.add_argument("--held-out-users", type=int, default=100)
-    parser.add_argument("--resamples", type=int, default=10,
+    parser.add_argument("--resamples", type=int, default=20,
                         help="adaptation sets per point of the few-shot curve")
     parser.add_argument("--cost-batch", type=int, default=4096,
                         help="pairs per scoring call in the cost table")

@@ -196,8 +196,8 @@ def _act_cost(batch: int, users: int) -> tuple:
     return table, summary
 
 
-def run_demo(out_dir, seed: int = 0, pairs: int = 20000, train_users: int = 200,
-             held_out_users: int = 100, resamples: int = 10, cost_batch: int = 4096,
+def run_demo(out_dir, seed: int = 0, pairs: int = 20000, train_users: int = 300,
+             held_out_users: int = 100, resamples: int = 20, cost_batch: int = 4096,
              cost_users: int = 10_000, skip_cost: bool = False) -> DemoResult:
     """Run the three acts, writing every artifact into `out_dir` (created if missing);
     see the module docstring. Sizes are parameters so tests can run a small demo."""
