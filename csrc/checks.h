@@ -6,8 +6,10 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <limits>
 #include <sstream>
 #include <string>
+#include <string_view>
 
 namespace smoe {
 
@@ -63,6 +65,42 @@ inline void check_size(const char* op, const char* name, const at::Tensor& t, in
                        int64_t expected, const char* what) {
   TORCH_CHECK_VALUE(t.size(dim) == expected, op, ": ", name, ".shape[", dim, "] must equal ",
                     what, " (", expected, "), got shape ", shape_str(t));
+}
+
+// Arguments of route and router_losses, the same on every backend.
+inline bool parse_score(const char* op, std::string_view score) {
+  TORCH_CHECK_VALUE(score == "softmax" || score == "sigmoid", op,
+                    ": score must be 'softmax' or 'sigmoid', got '", score, "'");
+  return score == "sigmoid";
+}
+
+inline void check_k(const char* op, int64_t k, int64_t num_experts) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= num_experts, op, ": k must be in [1, num_experts = ",
+                    num_experts, "], got ", k);
+}
+
+inline void check_groups(const char* op, int64_t k, int64_t num_experts, int64_t num_groups,
+                         int64_t topk_groups) {
+  TORCH_CHECK_VALUE(num_groups >= 1 && num_experts % num_groups == 0, op,
+                    ": num_groups must be >= 1 and divide num_experts = ", num_experts,
+                    ", got ", num_groups);
+  TORCH_CHECK_VALUE(topk_groups >= 1 && topk_groups <= num_groups, op,
+                    ": topk_groups must be in [1, num_groups = ", num_groups, "], got ",
+                    topk_groups);
+  const int64_t reachable = topk_groups * (num_experts / num_groups);
+  TORCH_CHECK_VALUE(k <= reachable, op, ": k must be <= topk_groups * num_experts / ",
+                    "num_groups = ", reachable, " (the experts of the kept groups), got ", k);
+}
+
+// ids of dispatch: [num_tokens, topk] int32 or int64, at most int32-many rows in all.
+inline void check_dispatch_ids(const char* op, const at::Tensor& ids, int64_t num_experts) {
+  check_rank(op, "ids", ids, 2, "[num_tokens, topk]");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op,
+                   ": ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK_VALUE(ids.numel() <= std::numeric_limits<int32_t>::max(), op,
+                    ": ids.numel() must fit in int32 (the sorted rows are int32), got ",
+                    ids.numel());
 }
 
 // Accumulation type: float64 stays float64, everything else accumulates in float32.

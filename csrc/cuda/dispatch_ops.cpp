@@ -17,13 +17,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cuda(const at::Tensor& i
   // validate
   const char* op = "smoe_ops.dispatch";
   check_cuda(op, "ids", ids_in);
-  check_rank(op, "ids", ids_in, 2, "[num_tokens, topk]");
-  TORCH_CHECK_TYPE(ids_in.scalar_type() == at::kInt || ids_in.scalar_type() == at::kLong, op,
-                   ": ids must be int32 or int64, got ", ids_in.scalar_type());
-  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
-  TORCH_CHECK_VALUE(ids_in.numel() <= std::numeric_limits<int32_t>::max(), op,
-                    ": ids.numel() must fit in int32 (the sorted rows are int32), got ",
-                    ids_in.numel());
+  check_dispatch_ids(op, ids_in, num_experts);
   TORCH_CHECK_VALUE(num_experts <= std::numeric_limits<int32_t>::max(), op,
                     ": num_experts must fit in int32, got ", num_experts);
   const c10::cuda::CUDAGuard guard(ids_in.device());

@@ -17,30 +17,6 @@ void check_logits(const char* op, const at::Tensor& logits) {
   check_floating(op, "logits", logits);
 }
 
-bool parse_score(const char* op, std::string_view score) {
-  TORCH_CHECK_VALUE(score == "softmax" || score == "sigmoid", op,
-                    ": score must be 'softmax' or 'sigmoid', got '", score, "'");
-  return score == "sigmoid";
-}
-
-void check_k(const char* op, int64_t k, int64_t num_experts) {
-  TORCH_CHECK_VALUE(k >= 1 && k <= num_experts, op, ": k must be in [1, num_experts = ",
-                    num_experts, "], got ", k);
-}
-
-void check_groups(const char* op, int64_t k, int64_t num_experts, int64_t num_groups,
-                  int64_t topk_groups) {
-  TORCH_CHECK_VALUE(num_groups >= 1 && num_experts % num_groups == 0, op,
-                    ": num_groups must be >= 1 and divide num_experts = ", num_experts,
-                    ", got ", num_groups);
-  TORCH_CHECK_VALUE(topk_groups >= 1 && topk_groups <= num_groups, op,
-                    ": topk_groups must be in [1, num_groups = ", num_groups, "], got ",
-                    topk_groups);
-  const int64_t reachable = topk_groups * (num_experts / num_groups);
-  TORCH_CHECK_VALUE(k <= reachable, op, ": k must be <= topk_groups * num_experts / ",
-                    "num_groups = ", reachable, " (the experts of the kept groups), got ", k);
-}
-
 void check_counts(const char* op, const at::Tensor& counts, const at::Tensor& logits) {
   check_cuda(op, "counts", counts);
   check_same_device(op, "counts", counts, "logits", logits);
