@@ -293,6 +293,9 @@ class SparseMoERewardModel(nn.Module):
         context (fitted by `fit_router_prior` to the training users' routing).
         """
         if self.config["num_users"] is not None and not self.config.get("router_prior"):
+            # TODO: score a new user with no labels on the whole prior mixture (k = K) once
+            # scoring can take a per-call k: top-k of a flat prior keeps k arbitrary types
+            # (two opposite ones in docs/personalization.md: 12 points under the single head).
             prior = torch.softmax(self.user_logits, dim=1).mean(0)
             return prior.clamp_min(1e-30).log().expand(context.shape[0], -1)
         return self.router(context)
