@@ -13,10 +13,13 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable, Optional
 
 import torch
+
+from smoe_ops._io import write_atomically
 
 SCHEMA = [
     "op", "shape", "dtype", "device", "backend", "median_us", "spread", "throughput", "unit",
@@ -172,3 +175,11 @@ def markdown_table(rows) -> str:
 
 def format_time(us: float) -> str:
     return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.1f} us"
+
+
+def publish(text: str, output: str) -> None:
+    """Print a generated document and, unless `output` is "-", write it there atomically
+    (a doc is never left half-written by an interrupted run)."""
+    sys.stdout.write(text)
+    if output != "-":
+        write_atomically(output, text)

@@ -23,7 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import git_sha, machine
+from benchmarks.common import git_sha, machine, publish
 from smoe_ops.reward import Regularizers, SparseMoERewardModel, single_head, train
 from smoe_ops.reward.personalization import ProfileBatch, personalized_probability
 from smoe_ops.reward.protocols import (
@@ -199,10 +199,7 @@ def main(argv=None) -> int:
                               unit="setting"):
         robustness.append(robustness_row(name, *setup(**options), args.resamples))
     text = markdown(curve, checks, robustness, args, time.perf_counter() - started)
-    sys.stdout.write(text)
-    if args.output != "-":
-        with open(args.output, "w") as file:
-            file.write(text)
+    publish(text, args.output)
     return 0
 
 

@@ -37,7 +37,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from benchmarks.common import git_sha, machine
+from benchmarks.common import git_sha, machine, publish
 from smoe_ops.reward import Regularizers, SparseMoERewardModel, single_head, train
 from smoe_ops.reward.datasets import DATASETS, load_dataset, split_by_rater
 from smoe_ops.reward.em import init_user_mixture
@@ -466,10 +466,7 @@ def main(argv=None):
     for name in args.datasets:
         results.append(run_dataset(name, args.folds, args.resamples, args.seed, log))
     text = markdown(results, args, time.perf_counter() - started)
-    sys.stdout.write(text)
-    if args.output != "-":
-        with open(args.output, "w") as file:
-            file.write(text)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@ use the library defaults (SparseMoERewardModel, train, Regularizers) unless the 
 
 import argparse
 import dataclasses
-import sys
 import time
 
 import torch
 
-from benchmarks.common import git_sha, machine
+from benchmarks.common import git_sha, machine, publish
 from smoe_ops.reward import (
     Regularizers,
     SparseMoERewardModel,
@@ -191,10 +190,7 @@ def main(argv=None):
     oracle, num_train, rows = run(args.pairs, args.epochs, args.seed)
     user_rows = [run_user_level(num_types, args.seed) for num_types in (4, 6)]
     text = markdown(oracle, num_train, rows, args, user_rows)
-    sys.stdout.write(text)
-    if args.output != "-":
-        with open(args.output, "w") as file:
-            file.write(text)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":
