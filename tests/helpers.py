@@ -31,3 +31,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, scale
 def assert_equal(actual: torch.Tensor, expected: torch.Tensor, msg=""):
     """Exact equality (index outputs), across devices."""
     torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=0, atol=0, msg=msg or None)
+
+
+def load_topmodel2007():
+    """(data, info) of the real Topmodel2007 set, or skip the calling test with what to
+    install: the R sets need the PyPI package rdata and the psychotree data files."""
+    import pytest
+
+    datasets = pytest.importorskip("smoe_ops.reward.datasets")
+    pytest.importorskip("rdata", reason="the R sets need pip install rdata")
+    try:
+        datasets.find_r_library("psychotree")
+    except FileNotFoundError:
+        pytest.skip("R package psychotree not installed; run "
+                    "python -m smoe_ops.reward.datasets fetch")
+    return datasets.load_dataset("topmodel2007")

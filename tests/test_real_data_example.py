@@ -11,6 +11,7 @@ import torch
 from benchmarks import real_data
 from smoe_ops.reward import PreferenceData
 from smoe_ops.reward.protocols import _split
+from tests.helpers import load_topmodel2007
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_MINILM = all(importlib.util.find_spec(name) is not None
@@ -46,14 +47,7 @@ def test_test_pairs_per_shot_matches_the_protocol_split():
 
 
 def test_topmodel_tree_groups_have_the_published_node_sizes():
-    datasets = pytest.importorskip("smoe_ops.reward.datasets")
-    pytest.importorskip("rdata", reason="the R sets need pip install rdata")
-    try:
-        datasets.find_r_library("psychotree")
-    except FileNotFoundError:
-        pytest.skip("R package psychotree not installed; run "
-                    "python -m smoe_ops.reward.datasets fetch")
-    _, info = datasets.load_dataset("topmodel2007")
+    _, info = load_topmodel2007()
     groups = real_data.topmodel_tree_groups(info.covariates, torch.arange(192).numpy())
     # bttree(preference ~ ., Topmodel2007, minsize = 5): nodes 3, 5, 6 and 7.
     assert torch.bincount(torch.from_numpy(groups)).tolist() == [35, 71, 56, 30]

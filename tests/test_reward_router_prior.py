@@ -7,6 +7,7 @@ import torch
 
 from smoe_ops.reward import PreferenceData, SparseMoERewardModel, fit_router_prior, load, save
 from smoe_ops.reward.personalization import personalize_batch, personalized_probability
+from tests.helpers import load_topmodel2007
 
 NUM_EXPERTS = 3
 
@@ -131,16 +132,9 @@ def test_errors_name_the_problem():
 
 
 def test_topmodel_covariates_shift_the_prior():
-    datasets = pytest.importorskip("smoe_ops.reward.datasets")
-    pytest.importorskip("rdata", reason="the R sets need pip install rdata")
-    try:
-        datasets.find_r_library("psychotree")
-    except FileNotFoundError:
-        pytest.skip("R package psychotree not installed; run "
-                    "python -m smoe_ops.reward.datasets fetch")
     from smoe_ops.reward.em import init_user_mixture
 
-    data, info = datasets.load_dataset("topmodel2007")
+    data, info = load_topmodel2007()
     model = SparseMoERewardModel(data.context_dim, data.response_dim, 4, 2,
                                  num_users=info.num_raters, router_prior=True, seed=0)
     init_user_mixture(model, data, restarts=2, seed=0)
