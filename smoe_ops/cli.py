@@ -1,6 +1,6 @@
 """The `smoe-ops` command line: train a sparse MoE reward model and report its routing.
 
-    smoe-ops demo --out runs/demo          # train, report, personalize, cost: ~2 minutes
+    smoe-ops demo --out runs/demo          # train, report, personalize, cost: ~20 s
     smoe-ops train --synthetic prompt_regions --out runs/regions
     smoe-ops train --data pairs.jsonl --encoder minilm --out runs/text
     torchrun --nproc-per-node 4 -m smoe_ops.cli train --synthetic prompt_regions --out runs/dp
