@@ -120,7 +120,7 @@ def scoring_table(rows, ceiling_pairs_per_second: float) -> list:
         versus = ("-" if dense is None or row["k"] == row["experts"]
                   else f"{dense['cost'].seconds / cost.seconds:.2f}x")
         kind = "linear" if row["kind"] == "linear" else f"MLP {MLP_HIDDEN}"
-        label = "single head" if row["experts"] == 1 else kind
+        label = f"single head, {kind}" if row["experts"] == 1 else kind
         lines.append(
             f"| {label} | {row['experts']} | {row['k']} | {row['batch']} | "
             f"{'user' if row['personalized'] else 'population'} | "
