@@ -20,12 +20,11 @@ import math
 import sys
 import time
 
-import torch
 from tqdm import tqdm
 
 from benchmarks.common import git_sha, machine, publish
 from smoe_ops.reward import Regularizers, SparseMoERewardModel, single_head, train
-from smoe_ops.reward.personalization import ProfileBatch, personalized_probability
+from smoe_ops.reward.personalization import personalized_probability
 from smoe_ops.reward.protocols import (
     DEFAULT_SHOTS,
     adapt_and_score,
@@ -61,13 +60,8 @@ def setup(num_types=NUM_TYPES, num_experts=NUM_TYPES, label_noise=0.0, type_prob
     return made, model.eval(), single.eval(), made.data[made.data.user_ids >= TRAIN_USERS]
 
 
-def _population(model):
-    return ProfileBatch(torch.zeros(0, dtype=torch.int64), torch.zeros(0, model.num_experts),
-                        torch.zeros(0, dtype=torch.int64), "population", True)
-
-
 def single_head_probability(single):
-    return lambda test: personalized_probability(single, test, _population(single))
+    return lambda test: personalized_probability(single, test)
 
 
 def curve_for(made, model, single, held_out, resamples, seed=0):

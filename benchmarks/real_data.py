@@ -41,7 +41,7 @@ from benchmarks.common import git_sha, machine, publish
 from smoe_ops.reward import Regularizers, SparseMoERewardModel, single_head, train
 from smoe_ops.reward.datasets import DATASETS, load_dataset, split_by_rater
 from smoe_ops.reward.em import init_user_mixture
-from smoe_ops.reward.personalization import ProfileBatch, personalize_batch, \
+from smoe_ops.reward.personalization import personalize_batch, \
     personalized_probability
 from smoe_ops.reward.protocols import few_shot_curve
 from smoe_ops.reward.report import adjusted_rand_index, normalized_mutual_information
@@ -101,9 +101,7 @@ def finish(start, data, k: int, seed: int):
 
 
 def population_probability(model):
-    empty = ProfileBatch(torch.zeros(0, dtype=torch.int64), torch.zeros(0, model.num_experts),
-                         torch.zeros(0, dtype=torch.int64), "population", True)
-    return lambda data: personalized_probability(model, data, empty)
+    return lambda data: personalized_probability(model, data)
 
 
 def select(fit, val, num_users, shot, seed):

@@ -225,7 +225,7 @@ def test_map_moves_where_the_plain_newton_step_overshoots():
                             [3.51, 0.07, 0.49, 2.24], [4.36, -0.87, -0.35, 1.66]])
     base = torch.full((8, 4), -1.386)
     rows = torch.zeros(8, dtype=torch.int64)
-    shift = _fit_map(base, margins, rows, 1, 0.5, 30)
+    shift = _fit_map(base, margins, rows, torch.tensor([8]), 0.5, 30)
     padded = dict(base=base[None], log_agree=F.logsigmoid(margins)[None],
                   mask=torch.ones(1, 8))
     start = _map_objective(shift=torch.zeros(1, 4), prior_strength=0.5, **padded)

@@ -34,7 +34,6 @@ from smoe_ops.reward.cost import personalization_seconds, profile_bytes, scoring
 from smoe_ops.reward.losses import Regularizers
 from smoe_ops.reward.model import SparseMoERewardModel, single_head
 from smoe_ops.reward.personalization import (
-    ProfileBatch,
     UserProfile,
     personalize_batch,
     personalized_probability,
@@ -68,11 +67,6 @@ def _table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def _population(model) -> ProfileBatch:
-    return ProfileBatch(torch.zeros(0, dtype=torch.int64), torch.zeros(0, model.num_experts),
-                        torch.zeros(0, dtype=torch.int64), "population", True)
 
 
 def _act_regions(out: Path, pairs: int, seed: int, files: list) -> tuple:
@@ -134,8 +128,7 @@ def _act_users(out: Path, train_users: int, held_out_users: int, resamples: int,
 
     curve = few_shot_curve(
         model, new_users, shots=(0, 1, 2, 4, 8, 16), resamples=resamples,
-        baselines={"single-head BT": lambda test: personalized_probability(
-            baseline, test, _population(baseline))},
+        baselines={"single-head BT": lambda test: personalized_probability(baseline, test)},
         oracle=made.oracle_accuracy, eval_pairs=8, seed=seed, progress=True)
     table = curve.to_markdown() + (
         f"\nMAP with 8 labels closes {curve.gap_closed('map', 8):.0%} of the gap from the "

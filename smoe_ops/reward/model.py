@@ -277,8 +277,7 @@ class SparseMoERewardModel(nn.Module):
                 )
             return self._mlp_rewards(response, routing.ids, with_bias=True)
         if self.num_experts <= _DENSE_LINEAR_MAX_RATIO * routing.ids.shape[1]:
-            every_expert = torch.addmm(self.expert_bias, response, self.head_weights().T)
-            return every_expert.gather(1, routing.ids.long())
+            return self.all_expert_rewards(response).gather(1, routing.ids.long())
         heads = _rows(self.head_weights(), routing.ids)
         return (torch.einsum("bjd,bd->bj", heads, response)
                 + _rows(self.expert_bias[:, None], routing.ids)[..., 0])
@@ -321,7 +320,7 @@ class SparseMoERewardModel(nn.Module):
         """[B, K] reward of every expert for the [B, Dr] responses (dense: B K expert
         rows; personalization needs every expert's opinion of a user's few pairs)."""
         if self.expert_hidden is None:
-            return response @ self.head_weights().T + self.expert_bias
+            return torch.addmm(self.expert_bias, response, self.head_weights().T)
         ids = torch.arange(self.num_experts, dtype=torch.int32).expand(
             response.shape[0], -1).contiguous()
         return self._mlp_rewards(response, ids, with_bias=True)

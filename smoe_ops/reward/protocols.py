@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from smoe_ops.reward.data import PreferenceData
 from smoe_ops.reward.personalization import (
-    ProfileBatch,
     personalize_batch,
     personalized_probability,
 )
@@ -211,7 +210,7 @@ def few_shot_curve(model, data: PreferenceData, shots: Sequence[int] = DEFAULT_S
                 continue
             if round_ == 0:
                 users_scored[column] = len(torch.unique(test.user_ids))
-            population = personalized_probability(model, test, _no_profiles(model))
+            population = personalized_probability(model, test)
             accuracy["population"][column, round_] = _tie_accuracy(population)
             for method in methods:
                 if n == 0:
@@ -257,13 +256,6 @@ def adapt_and_score(model, data: PreferenceData, shots: int, method: str = "map"
     test = data[eligible & (rank < test_size)]
     adapt = data[eligible & (rank >= test_size) & (rank < test_size + shots)]
     if method == "population" or shots == 0:
-        return test, personalized_probability(model, test, _no_profiles(model))
+        return test, personalized_probability(model, test)
     profiles = personalize_batch(model, adapt, method, **personalize_options)
     return test, personalized_probability(model, test, profiles)
-
-
-def _no_profiles(model):
-    """An empty ProfileBatch: every pair scored with the population routing."""
-    return ProfileBatch(torch.zeros(0, dtype=torch.int64),
-                        torch.zeros(0, model.num_experts), torch.zeros(0, dtype=torch.int64),
-                        "population", True)
