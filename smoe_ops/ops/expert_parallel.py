@@ -33,9 +33,8 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from smoe_ops.ops.activation import swiglu
 from smoe_ops.ops.dispatch import dispatch, permute, unpermute
-from smoe_ops.ops.grouped_mm import grouped_mm
+from smoe_ops.ops.moe import check_moe_shapes, expert_ffn
 from smoe_ops.ops.routing import RouterLosses, route, router_losses
 
 __all__ = ["expert_parallel_moe_ffn", "local_expert_range"]
@@ -55,37 +54,6 @@ def local_expert_range(num_experts: int, group: Optional[dist.ProcessGroup]) -> 
     per_rank = num_experts // world
     rank = dist.get_rank(group)
     return range(rank * per_rank, (rank + 1) * per_rank)
-
-
-def _check_shapes(x, router_weight, w_in, w_out, k, world) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"expert_parallel_moe_ffn: x must be 2-D [T, H], got {list(x.shape)}")
-    hidden = x.shape[1]
-    if router_weight.dim() != 2 or router_weight.shape[0] != hidden:
-        raise ValueError(
-            f"expert_parallel_moe_ffn: router_weight must be [H={hidden}, E], got shape "
-            f"{list(router_weight.shape)}"
-        )
-    num_experts = router_weight.shape[1]
-    if num_experts % world:
-        raise ValueError(
-            f"expert_parallel_moe_ffn: num_experts={num_experts} must be divisible by the "
-            f"process group size {world}"
-        )
-    per_rank = num_experts // world
-    if w_in.dim() != 3 or tuple(w_in.shape[:2]) != (per_rank, hidden) or w_in.shape[2] % 2:
-        raise ValueError(
-            f"expert_parallel_moe_ffn: w_in must hold this rank's experts, [E/G={per_rank}, "
-            f"H={hidden}, 2I], got shape {list(w_in.shape)}"
-        )
-    ffn = w_in.shape[2] // 2
-    if tuple(w_out.shape) != (per_rank, ffn, hidden):
-        raise ValueError(
-            f"expert_parallel_moe_ffn: w_out must be [E/G={per_rank}, I={ffn}, H={hidden}], "
-            f"got shape {list(w_out.shape)}"
-        )
-    if not 1 <= k <= num_experts:
-        raise ValueError(f"expert_parallel_moe_ffn: k must be in [1, E={num_experts}], got {k}")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -141,7 +109,8 @@ def expert_parallel_moe_ffn(
         result equals the single-process moe_ffn on these tokens with the full weights.
     """
     world = dist.get_world_size(group)
-    _check_shapes(x, router_weight, w_in, w_out, k, world)
+    check_moe_shapes(x, router_weight, w_in, w_out, k, "swiglu",
+                     caller="expert_parallel_moe_ffn", group_size=world)
     num_experts, per_rank = router_weight.shape[1], w_in.shape[0]
 
     # Route locally over all E experts; group the T k rows by global expert.
@@ -163,8 +132,7 @@ def expert_parallel_moe_ffn(
     local_ids = local_ids.repeat_interleave(received_counts.reshape(-1))
     local_plan = dispatch(local_ids[:, None], per_rank)
     local_rows = permute(arrived, local_plan)
-    hidden = swiglu(grouped_mm(local_rows, w_in, local_plan.offsets))
-    expert_out = grouped_mm(hidden, w_out, local_plan.offsets)
+    expert_out = expert_ffn(local_rows, w_in, w_out, local_plan.offsets)
 
     # Back to arrival order (unpermute with k = 1 and no weights is the inverse gather),
     # back to the source ranks, and the weighted combine.
