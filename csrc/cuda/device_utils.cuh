@@ -69,6 +69,19 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
+// Softmax statistics of one row x[0:E] read by a whole warp (lane = thread % 32): the
+// row max m (NaN skipped) and sum_e exp(x_e - m), both in every lane.
+template <typename T, typename A = acc_t<T>>
+__device__ __forceinline__ void warp_softmax_stats(const T* x, int64_t E, int lane, A& m,
+                                                   A& sum) {
+  m = neg_inf<A>();
+  for (int64_t e = lane; e < E; e += 32) m = fmax(m, to_acc(x[e]));
+  m = warp_max(m);
+  sum = 0;
+  for (int64_t e = lane; e < E; e += 32) sum += exp_acc(to_acc(x[e]) - m);
+  sum = warp_sum(sum);
+}
+
 // Calls f(T{}) with T the element type of dtype.
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, F&& f) {

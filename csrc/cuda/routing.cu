@@ -226,11 +226,9 @@ __global__ void __launch_bounds__(kThreads)
 
   A m = neg_inf<A>(), inv_sum = 1;
   if (!sigmoid) {
-    for (int64_t e = lane; e < E; e += kWarp) m = fmax(m, to_acc(x[e]));
-    m = warp_max(m);
-    A sum = 0;
-    for (int64_t e = lane; e < E; e += kWarp) sum += exp_acc(to_acc(x[e]) - m);
-    inv_sum = A(1) / warp_sum(sum);
+    A sum;
+    warp_softmax_stats(x, E, lane, m, sum);
+    inv_sum = A(1) / sum;
   }
   auto score = [&](int64_t e) -> A {
     const A v = to_acc(x[e]);
@@ -296,12 +294,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t t = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
   if (t >= num_tokens) return;
   const T* x = logits + t * E;
-  A m = neg_inf<A>();
-  for (int64_t e = lane; e < E; e += kWarp) m = fmax(m, to_acc(x[e]));
-  m = warp_max(m);
-  A sum = 0;
-  for (int64_t e = lane; e < E; e += kWarp) sum += exp_acc(to_acc(x[e]) - m);
-  sum = warp_sum(sum);
+  A m, sum;
+  warp_softmax_stats(x, E, lane, m, sum);
   const A inv = A(1) / sum;
   A weighted = 0;  // sum_{p > 0} p (x - m): H = log(sum) - weighted, with 0 log 0 = 0
   for (int64_t e = lane; e < E; e += kWarp) {
@@ -412,12 +406,8 @@ __global__ void __launch_bounds__(kThreads)
   const A gz2_t = A(2.0 * double(grad_losses[1]) * inv_tokens);
   const T* x = logits + t * E;
   T* out = grad + t * E;
-  A m = neg_inf<A>();
-  for (int64_t e = lane; e < E; e += kWarp) m = fmax(m, to_acc(x[e]));
-  m = warp_max(m);
-  A sum = 0;
-  for (int64_t e = lane; e < E; e += kWarp) sum += exp_acc(to_acc(x[e]) - m);
-  sum = warp_sum(sum);
+  A m, sum;
+  warp_softmax_stats(x, E, lane, m, sum);
   const A inv = A(1) / sum, shift = m + log_acc(sum);
   A c_mean = 0;
   for (int64_t e = lane; e < E; e += kWarp) {
