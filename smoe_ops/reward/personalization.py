@@ -272,9 +272,9 @@ def personalize_batch(model, data: PreferenceData, method: str = "map", *,
                                        return_counts=True)
     margins = all_expert_margins(model, data.chosen, data.rejected)
     if method == "map":
-        # float32: the fit is a few passes over [pairs, K] per step and float64 costs 3-4x
-        # the time (10,000 users x 16 pairs, K = 16: 4.2 s against 1.2 s on one core); the
-        # per-user sums stay short (the pairs of one user), so float32 keeps 1e-5 accuracy.
+        # float32: the fit is a few memory-bound passes over [pairs, K] per step, which
+        # float64 makes several times slower; the per-user sums stay short (the pairs of
+        # one user), and the line search allows for float32 rounding (_fit_map_padded).
         base = population_logits(model, data.context)
         shift = _fit_map(base, margins, rows, counts, prior_strength, steps).double()
     else:
