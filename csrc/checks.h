@@ -30,10 +30,18 @@ inline void check_cpu(const char* op, const char* name, const at::Tensor& t) {
                     "got device ", t.device());
 }
 
+#ifdef SMOE_CUDA_EMULATE
+// The CUDA emulator (tests/cuda_emulator.py) runs the CUDA glue on CPU tensors.
+inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the CPU for the CUDA ",
+                    "emulator, got device ", t.device());
+}
+#else
 inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cuda(), op, ": ", name, " must be on a CUDA device for this ",
                     "kernel, got device ", t.device());
 }
+#endif
 
 // Every tensor argument of a CUDA op lives on the device of its first one.
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t,

@@ -3,9 +3,13 @@
 // Plain CUDA: no ATen header (see kernels.h).
 #pragma once
 
+#ifdef SMOE_CUDA_EMULATE
+#include "cuda/emulator/cuda_emulator.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <cstdio>
@@ -103,7 +107,13 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Bad input that only the device can see (it would take a host sync to read it back): print
 // what was wrong and stop the kernel. As with torch's own device-side index checks, the CUDA
 // context is then unusable and the next CUDA call raises; the printed line names the op, the
-// argument, the value and the expected range.
+// argument, the value and the expected range. (Emulated: the launch fails with that text.)
+#ifdef SMOE_CUDA_EMULATE
+#define SMOE_DEVICE_CHECK(cond, ...)             \
+  do {                                           \
+    if (!(cond)) ::smoe::emu::trap(__VA_ARGS__); \
+  } while (0)
+#else
 #define SMOE_DEVICE_CHECK(cond, ...) \
   do {                               \
     if (!(cond)) {                   \
@@ -111,6 +121,24 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
       __trap();                      \
     }                                \
   } while (0)
+#endif
+
+// SMOE_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...) is
+// kernel<<<grid, block, shared_bytes, stream>>>(args...); the emulator (cuda_emulator.h)
+// runs the same source on the host.
+#ifdef SMOE_CUDA_EMULATE
+#define SMOE_LAUNCH(grid, block, shared, stream, ...) \
+  SMOE_EMULATED_LAUNCH(grid, block, shared, stream, __VA_ARGS__)
+#else
+#define SMOE_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
+#endif
+
+// Tensor-core code (mma.sync, sm_80+) is compiled in: for such an architecture, or emulated.
+#if defined(SMOE_CUDA_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define SMOE_HAS_MMA 1
+#else
+#define SMOE_HAS_MMA 0
+#endif
 
 }  // namespace cuda
 }  // namespace smoe

@@ -268,18 +268,18 @@ cudaError_t dispatch(const void* ids, bool ids_int64, int64_t N, int64_t topk, i
   auto walk = [&](auto scatter) {
     constexpr bool kScatter = decltype(scatter)::value;
     if (ids_int64) {
-      count_or_scatter_kernel<int64_t, kScatter><<<blocks, threads, 0, stream>>>(
+      SMOE_LAUNCH(blocks, threads, 0, stream, count_or_scatter_kernel<int64_t, kScatter>)(
           static_cast<const int64_t*>(ids), N, topk, E, chunk_size, chunks, workspace, order,
           inverse);
     } else {
-      count_or_scatter_kernel<int32_t, kScatter><<<blocks, threads, 0, stream>>>(
+      SMOE_LAUNCH(blocks, threads, 0, stream, count_or_scatter_kernel<int32_t, kScatter>)(
           static_cast<const int32_t*>(ids), N, topk, E, chunk_size, chunks, workspace, order,
           inverse);
     }
     return cudaGetLastError();
   };
   if ((err = walk(std::false_type{})) != cudaSuccess) return err;
-  scan_kernel<<<1, kScanThreads, 0, stream>>>(workspace, chunks, E, offsets);
+  SMOE_LAUNCH(1, kScanThreads, 0, stream, scan_kernel)(workspace, chunks, E, offsets);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   return walk(std::true_type{});
 }
@@ -288,7 +288,7 @@ cudaError_t check_permutation(RowWriter writer, const int32_t* inverse, int64_t 
                               int64_t topk, int32_t* seen, cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(seen, 0, sizeof(int32_t) * N, stream);
   if (err != cudaSuccess) return err;
-  check_permutation_kernel<<<unsigned(ceil_div(N, 256)), 256, 0, stream>>>(
+  SMOE_LAUNCH(unsigned(ceil_div(N, 256)), 256, 0, stream, check_permutation_kernel)(
       static_cast<int>(writer), inverse, N, topk, seen);
   return cudaGetLastError();
 }
@@ -301,10 +301,11 @@ cudaError_t permute(DType dtype, const void* x, const int32_t* inverse, int64_t 
     T_* dst = static_cast<T_*>(xs);
     const unsigned blocks = static_cast<unsigned>(T * topk);
     if (packable<T_>(H, {src, dst})) {
-      permute_kernel<T_, kPack<T_>><<<blocks, kRowThreads, 0, stream>>>(src, inverse, topk, H,
-                                                                       dst);
+      SMOE_LAUNCH(blocks, kRowThreads, 0, stream, permute_kernel<T_, kPack<T_>>)(src, inverse,
+                                                                                 topk, H, dst);
     } else {
-      permute_kernel<T_, 1><<<blocks, kRowThreads, 0, stream>>>(src, inverse, topk, H, dst);
+      SMOE_LAUNCH(blocks, kRowThreads, 0, stream, permute_kernel<T_, 1>)(src, inverse, topk, H,
+                                                                         dst);
     }
     return cudaGetLastError();
   });
@@ -321,11 +322,11 @@ cudaError_t unpermute(DType dtype, const void* ys, const int32_t* inverse, const
     T_* dst = static_cast<T_*>(y);
     const unsigned blocks = static_cast<unsigned>(T);
     if (packable<T_>(H, {src, dst})) {
-      unpermute_kernel<T_, kPack<T_>><<<blocks, kRowThreads, 0, stream>>>(src, inverse, w, topk,
-                                                                         H, N, dst);
+      SMOE_LAUNCH(blocks, kRowThreads, 0, stream, unpermute_kernel<T_, kPack<T_>>)(
+          src, inverse, w, topk, H, N, dst);
     } else {
-      unpermute_kernel<T_, 1><<<blocks, kRowThreads, 0, stream>>>(src, inverse, w, topk, H, N,
-                                                                 dst);
+      SMOE_LAUNCH(blocks, kRowThreads, 0, stream, unpermute_kernel<T_, 1>)(src, inverse, w, topk,
+                                                                           H, N, dst);
     }
     return cudaGetLastError();
   });
@@ -345,11 +346,11 @@ cudaError_t unpermute_backward(DType dtype, const void* grad_y, const void* ys,
     A* gw = static_cast<A*>(grad_weights);
     const unsigned blocks = static_cast<unsigned>(T * topk);
     if (packable<T_>(H, {g, src, dst})) {
-      unpermute_backward_kernel<T_, kPack<T_>><<<blocks, kRowThreads, 0, stream>>>(
+      SMOE_LAUNCH(blocks, kRowThreads, 0, stream, unpermute_backward_kernel<T_, kPack<T_>>)(
           g, src, inverse, w, topk, H, dst, gw);
     } else {
-      unpermute_backward_kernel<T_, 1><<<blocks, kRowThreads, 0, stream>>>(g, src, inverse, w,
-                                                                          topk, H, dst, gw);
+      SMOE_LAUNCH(blocks, kRowThreads, 0, stream, unpermute_backward_kernel<T_, 1>)(
+          g, src, inverse, w, topk, H, dst, gw);
     }
     return cudaGetLastError();
   });

@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cuda(const at::Tensor& i
   check_dispatch_ids(op, ids_in, num_experts);
   TORCH_CHECK_VALUE(num_experts <= std::numeric_limits<int32_t>::max(), op,
                     ": num_experts must fit in int32, got ", num_experts);
-  const c10::cuda::CUDAGuard guard(ids_in.device());
+  const DeviceGuard guard(ids_in.device());
 
   // allocate
   auto ids = ids_in.contiguous();
@@ -80,7 +80,7 @@ at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& inverse_in) {
   check_inverse_layout(op, inverse_in);
   check_rows(op, "x", x_in, inverse_in);
   check_size(op, "x", x_in, 0, inverse_in.size(0), "inverse.shape[0], the number of tokens");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
 
   // allocate
   auto inverse = inverse_in.contiguous();
@@ -111,7 +111,7 @@ at::Tensor unpermute_cuda(const at::Tensor& ys_in, const at::Tensor& inverse_in,
   check_rows(op, "ys", ys_in, inverse_in);
   check_size(op, "ys", ys_in, 0, inverse_in.numel(), "inverse.numel(), the dispatched rows");
   if (weights_in) check_weights(op, *weights_in, inverse_in);
-  const c10::cuda::CUDAGuard guard(ys_in.device());
+  const DeviceGuard guard(ys_in.device());
 
   // allocate
   auto inverse = inverse_in.contiguous();
@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
   check_size(op, "grad_y", grad_y_in, 0, inverse_in.size(0), "inverse.shape[0]");
   check_size(op, "grad_y", grad_y_in, 1, ys_in.size(1), "ys.shape[1]");
   if (weights_in) check_weights(op, *weights_in, inverse_in);
-  const c10::cuda::CUDAGuard guard(ys_in.device());
+  const DeviceGuard guard(ys_in.device());
 
   // allocate: grad_weights in the accumulation type, cast to the weights dtype at the end.
   auto inverse = inverse_in.contiguous();
@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
 }  // namespace
 }  // namespace smoe
 
-TORCH_LIBRARY_IMPL(smoe_ops, CUDA, m) {
+SMOE_CUDA_LIBRARY_IMPL(m) {
   m.impl("dispatch", &smoe::dispatch_cuda);
   m.impl("permute", &smoe::permute_cuda);
   m.impl("unpermute", &smoe::unpermute_cuda);

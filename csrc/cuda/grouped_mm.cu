@@ -58,7 +58,9 @@ constexpr bool kSixteenBit = std::is_same_v<T, __nv_bfloat16> || std::is_same_v<
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
                                           const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(SMOE_CUDA_EMULATE)
+  emu::mma_m16n8k16(std::is_same_v<T, __nv_bfloat16>, d, a, b);
+#elif SMOE_HAS_MMA
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
@@ -78,18 +80,14 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 // Tensor cores exist for this instantiation on the architecture being compiled.
 template <typename T>
 __device__ constexpr bool use_mma() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return kSixteenBit<T>;
-#else
-  return false;
-#endif
+  return SMOE_HAS_MMA && kSixteenBit<T>;
 }
 
 template <typename T>
 __device__ void gemm_tile(const Tile<T>& t) {
   using A = acc_t<T>;
-  __shared__ alignas(16) T As[BM][BK + kPad];
-  __shared__ alignas(16) T Bs[BN][BK + kPad];
+  alignas(16) __shared__ T As[BM][BK + kPad];
+  alignas(16) __shared__ T Bs[BN][BK + kPad];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const T zero = from_acc<T>(A(0));
 
@@ -297,7 +295,7 @@ int64_t grouped_mm_workspace_elems(int64_t E) { return E + 1; }
 
 cudaError_t grouped_mm_check_offsets(const int64_t* offsets, int64_t N, int64_t E,
                                      int32_t* workspace, cudaStream_t stream) {
-  row_tiles_kernel<<<1, 32, 0, stream>>>(offsets, E, N, workspace);
+  SMOE_LAUNCH(1, 32, 0, stream, row_tiles_kernel)(offsets, E, N, workspace);
   return cudaGetLastError();
 }
 
@@ -311,7 +309,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, const void* b, int64_t b_se, 
     using T = decltype(tag);
     const dim3 grid(static_cast<unsigned>(ceil_div(N, BM) + E),
                     static_cast<unsigned>(ceil_div(M, BN)));
-    grouped_rows_kernel<T><<<grid, kThreads, 0, stream>>>(
+    SMOE_LAUNCH(grid, kThreads, 0, stream, grouped_rows_kernel<T>)(
         static_cast<const T*>(a), static_cast<const T*>(b), b_se, b_sk, b_sm,
         static_cast<const T*>(bias), offsets, workspace, K, M, E, static_cast<T*>(out));
     return cudaGetLastError();
@@ -325,9 +323,9 @@ cudaError_t grouped_mm_grad_w(DType dtype, const void* x, const void* grad_out,
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t tiles_m = ceil_div(M, BN), tiles = ceil_div(K, BM) * tiles_m;
-    grad_w_kernel<T><<<static_cast<unsigned>(E * tiles), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(grad_out), offsets, K, M, tiles_m,
-        tiles, static_cast<T*>(grad_w));
+    SMOE_LAUNCH(static_cast<unsigned>(E * tiles), kThreads, 0, stream, grad_w_kernel<T>)(
+        static_cast<const T*>(x), static_cast<const T*>(grad_out), offsets, K, M, tiles_m, tiles,
+        static_cast<T*>(grad_w));
     return cudaGetLastError();
   });
 }
@@ -339,7 +337,7 @@ cudaError_t grouped_mm_grad_bias(DType dtype, const void* grad_out, const int64_
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t col_blocks = ceil_div(M, 256);
-    grad_bias_kernel<T><<<static_cast<unsigned>(E * col_blocks), 256, 0, stream>>>(
+    SMOE_LAUNCH(static_cast<unsigned>(E * col_blocks), 256, 0, stream, grad_bias_kernel<T>)(
         static_cast<const T*>(grad_out), offsets, M, col_blocks, static_cast<T*>(grad_bias));
     return cudaGetLastError();
   });

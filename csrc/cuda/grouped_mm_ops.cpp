@@ -70,7 +70,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& w,
   check_x_w(op, x_in, w);
   check_offsets(op, offsets_in, x_in, w.size(0));
   if (bias.has_value()) check_bias(op, *bias, x_in, w);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
 
   // allocate
   auto out = at::empty({x_in.size(0), w.size(2)}, x_in.options());
@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
                         grad_out_in.size(1) == out_features,
                     op, ": grad_out must have shape [", num_rows, ", ", out_features,
                     "] (x.shape[0], w.shape[2]), got ", shape_str(grad_out_in));
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
 
   // allocate: unrequested gradients are empty [0] tensors
   const auto options = x_in.options();
@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
 }  // namespace
 }  // namespace smoe
 
-TORCH_LIBRARY_IMPL(smoe_ops, CUDA, m) {
+SMOE_CUDA_LIBRARY_IMPL(m) {
   m.impl("grouped_mm", &smoe::grouped_mm_cuda);
   m.impl("grouped_mm_backward", &smoe::grouped_mm_backward_cuda);
 }

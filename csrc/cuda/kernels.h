@@ -8,7 +8,11 @@
 // guarantees sizes > 0 wherever a launcher documents it (a grid of 0 blocks is an error).
 #pragma once
 
+#ifdef SMOE_CUDA_EMULATE
+#include "cuda/emulator/cuda_emulator.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 

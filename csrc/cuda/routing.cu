@@ -449,7 +449,7 @@ cudaError_t route(DType dtype, const void* logits, const void* bias, int64_t T, 
                        static_cast<A*>(weights),
                        ids,
                        counts};
-    route_kernel<T_><<<row_blocks(T), kThreads, 0, stream>>>(args);
+    SMOE_LAUNCH(row_blocks(T), kThreads, 0, stream, route_kernel<T_>)(args);
     return cudaGetLastError();
   });
 }
@@ -460,9 +460,9 @@ cudaError_t route_backward(DType dtype, const void* grad_weights, const void* lo
   return dispatch_dtype(dtype, [&](auto tag) {
     using T_ = decltype(tag);
     using A = acc_t<T_>;
-    route_backward_kernel<T_><<<row_blocks(T), kThreads, 0, stream>>>(
-        static_cast<const A*>(grad_weights), static_cast<const T_*>(logits), ids, T, E, k,
-        sigmoid, renormalize, A(scale), static_cast<T_*>(grad));
+    SMOE_LAUNCH(row_blocks(T), kThreads, 0, stream, route_backward_kernel<T_>)(
+        static_cast<const A*>(grad_weights), static_cast<const T_*>(logits), ids, T, E, k, sigmoid,
+        renormalize, A(scale), static_cast<T_*>(grad));
     return cudaGetLastError();
   });
 }
@@ -484,20 +484,21 @@ cudaError_t router_losses(DType dtype, const void* logits, const int32_t* counts
     const T_* x = static_cast<const T_*>(logits);
     const unsigned col_blocks = static_cast<unsigned>(ceil_div(E + 2, 256));
     if (T > 0) {
-      loss_row_stats_kernel<T_><<<row_blocks(T), kThreads, 0, stream>>>(x, T, E, ws.stats);
+      SMOE_LAUNCH(row_blocks(T), kThreads, 0, stream, loss_row_stats_kernel<T_>)(x, T, E,
+                                                                                 ws.stats);
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
-      loss_partial_kernel<T_><<<dim3(col_blocks, unsigned(chunks)), 256, 0, stream>>>(
+      SMOE_LAUNCH(dim3(col_blocks, unsigned(chunks)), 256, 0, stream, loss_partial_kernel<T_>)(
           x, T, E, rows, ws.stats, ws.partial);
       err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
-    loss_total_kernel<A><<<col_blocks, 256, 0, stream>>>(ws.partial, chunks, E, inv_tokens,
-                                                         ws.total, static_cast<A*>(mean_probs));
+    SMOE_LAUNCH(col_blocks, 256, 0, stream, loss_total_kernel<A>)(
+        ws.partial, chunks, E, inv_tokens, ws.total, static_cast<A*>(mean_probs));
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    loss_final_kernel<A><<<1, kReduceThreads, 0, stream>>>(ws.total, counts, E, k, inv_tokens,
-                                                           static_cast<A*>(losses));
+    SMOE_LAUNCH(1, kReduceThreads, 0, stream, loss_final_kernel<A>)(
+        ws.total, counts, E, k, inv_tokens, static_cast<A*>(losses));
     return cudaGetLastError();
   });
 }
@@ -511,11 +512,11 @@ cudaError_t router_losses_backward(DType dtype, const void* grad_losses, const v
     using A = acc_t<T_>;
     A* a = static_cast<A*>(workspace);
     const A* gl = static_cast<const A*>(grad_losses);
-    loss_backward_columns_kernel<A><<<unsigned(ceil_div(E, 256)), 256, 0, stream>>>(
+    SMOE_LAUNCH(unsigned(ceil_div(E, 256)), 256, 0, stream, loss_backward_columns_kernel<A>)(
         gl, counts, static_cast<const A*>(mean_probs), T, E, k, a);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    loss_backward_rows_kernel<T_><<<row_blocks(T), kThreads, 0, stream>>>(
+    SMOE_LAUNCH(row_blocks(T), kThreads, 0, stream, loss_backward_rows_kernel<T_>)(
         gl, static_cast<const T_*>(logits), a, T, E, static_cast<T_*>(grad));
     return cudaGetLastError();
   });

@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
                     num_tokens, " * ", k);
   TORCH_CHECK_VALUE(num_experts <= std::numeric_limits<int32_t>::max(), op,
                     ": num_experts must fit int32 ids, got ", num_experts);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const DeviceGuard guard(logits_in.device());
   const auto wdtype = weight_dtype(logits_in.scalar_type());
   at::Tensor bias;
   if (expert_bias.has_value()) {
@@ -95,7 +95,7 @@ at::Tensor route_backward_cuda(const at::Tensor& grad_weights_in, const at::Tens
   TORCH_CHECK_VALUE(grad_weights_in.sizes() == ids_in.sizes(), op,
                     ": grad_weights must have the shape of ids ", shape_str(ids_in), ", got ",
                     shape_str(grad_weights_in));
-  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const DeviceGuard guard(logits_in.device());
 
   // allocate
   auto logits = logits_in.contiguous();
@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> router_losses_cuda(const at::Tensor& logits_i
   const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
   check_counts(op, counts_in, logits_in);
   TORCH_CHECK_VALUE(k >= 1, op, ": k must be >= 1, got ", k);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const DeviceGuard guard(logits_in.device());
 
   // allocate
   auto logits = logits_in.contiguous();
@@ -159,7 +159,7 @@ at::Tensor router_losses_backward_cuda(const at::Tensor& grad_losses_in,
   check_rank(op, "mean_probs", mean_probs_in, 1, "[num_experts]");
   check_size(op, "mean_probs", mean_probs_in, 0, num_experts, "num_experts");
   check_dtype(op, "mean_probs", mean_probs_in, wdtype);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const DeviceGuard guard(logits_in.device());
 
   // allocate
   auto logits = logits_in.contiguous();
@@ -181,7 +181,7 @@ at::Tensor router_losses_backward_cuda(const at::Tensor& grad_losses_in,
 }  // namespace
 }  // namespace smoe
 
-TORCH_LIBRARY_IMPL(smoe_ops, CUDA, m) {
+SMOE_CUDA_LIBRARY_IMPL(m) {
   m.impl("route", &smoe::route_cuda);
   m.impl("route_backward", &smoe::route_backward_cuda);
   m.impl("router_losses", &smoe::router_losses_cuda);

@@ -60,8 +60,8 @@ cudaError_t swiglu(DType dtype, const void* gate_up, int64_t rows, int64_t ffn, 
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t total = rows * ffn;
-    swiglu_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(static_cast<const T*>(gate_up),
-                                                               total, ffn, static_cast<T*>(out));
+    SMOE_LAUNCH(grid_for(total), kThreads, 0, stream, swiglu_kernel<T>)(
+        static_cast<const T*>(gate_up), total, ffn, static_cast<T*>(out));
     return cudaGetLastError();
   });
 }
@@ -71,7 +71,7 @@ cudaError_t swiglu_backward(DType dtype, const void* grad_out, const void* gate_
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t total = rows * ffn;
-    swiglu_backward_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(
+    SMOE_LAUNCH(grid_for(total), kThreads, 0, stream, swiglu_backward_kernel<T>)(
         static_cast<const T*>(grad_out), static_cast<const T*>(gate_up), total, ffn,
         static_cast<T*>(grad_in));
     return cudaGetLastError();

@@ -19,7 +19,7 @@ at::Tensor swiglu_cuda(const at::Tensor& gate_up_in) {
   // validate
   const char* op = "smoe_ops.swiglu";
   check_gate_up(op, gate_up_in);
-  const c10::cuda::CUDAGuard guard(gate_up_in.device());
+  const DeviceGuard guard(gate_up_in.device());
 
   // allocate
   auto gate_up = gate_up_in.contiguous();
@@ -44,7 +44,7 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor&
                         grad_out_in.size(1) * 2 == gate_up_in.size(1),
                     op, ": grad_out must have shape [", gate_up_in.size(0), ", ",
                     gate_up_in.size(1) / 2, "], got ", shape_str(grad_out_in));
-  const c10::cuda::CUDAGuard guard(gate_up_in.device());
+  const DeviceGuard guard(gate_up_in.device());
 
   // allocate
   auto gate_up = gate_up_in.contiguous();
@@ -63,7 +63,7 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor&
 }  // namespace
 }  // namespace smoe
 
-TORCH_LIBRARY_IMPL(smoe_ops, CUDA, m) {
+SMOE_CUDA_LIBRARY_IMPL(m) {
   m.impl("swiglu", &smoe::swiglu_cuda);
   m.impl("swiglu_backward", &smoe::swiglu_backward_cuda);
 }

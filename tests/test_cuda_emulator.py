@@ -1,0 +1,334 @@
+"""The CUDA kernels' own source, run on the host by the CUDA emulator (tests/cuda_emulator.py,
+csrc/cuda/emulator/), against the CPU kernels and the float64 references.
+
+Each torch.ops.smoe_ops_emu op is the CUDA glue plus the CUDA kernels of that op; the CPU ops
+(torch.ops.smoe_ops, on CPU tensors) are the ones the rest of the suite checks against the
+references. Index outputs (ids, counts, order, offsets, inverse) must be equal exactly, floats
+within the dtype tolerances. Device-side checks must fail the launch with their message. The
+emulator runs each block's threads as fibers in a seeded random order: some cases rerun under
+several seeds, so that a missing barrier shows up as a difference.
+
+What this cannot show (it waits for benchmarks/gpu_check.sh on a GPU): timing, memory ordering
+between blocks, alignment faults, the real hardware's mma rounding.
+"""
+
+import os
+
+import pytest
+import torch
+
+import smoe_ops  # noqa: F401  (registers torch.ops.smoe_ops)
+from smoe_ops import reference
+from tests.helpers import TOLERANCES, assert_close, assert_equal
+
+pytestmark = pytest.mark.slow
+
+cpu = torch.ops.smoe_ops
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from tests import cuda_emulator
+
+    return cuda_emulator.load()
+
+
+def with_seed(seed, fn):
+    old = os.environ.get("SMOE_CUDA_EMULATOR_SEED")
+    os.environ["SMOE_CUDA_EMULATOR_SEED"] = str(seed)
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["SMOE_CUDA_EMULATOR_SEED"]
+        else:
+            os.environ["SMOE_CUDA_EMULATOR_SEED"] = old
+
+
+def close(actual, expected, dtype, scale=1.0):
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol * scale,
+                               atol=atol * scale)
+
+
+# ---- routing -------------------------------------------------------------------------------
+
+# (T, E, k, score, renormalize, bias, num_groups, topk_groups, scale)
+ROUTES = [
+    (0, 8, 2, "softmax", True, False, 1, 1, 1.0),
+    (1, 1, 1, "softmax", True, False, 1, 1, 1.0),
+    (37, 7, 2, "softmax", True, False, 1, 1, 1.0),
+    (37, 7, 7, "softmax", False, False, 1, 1, 1.0),  # k = E
+    (19, 60, 8, "sigmoid", True, False, 1, 1, 2.5),
+    (19, 60, 6, "softmax", False, True, 6, 2, 1.0),  # groups with bias
+    (9, 257, 8, "softmax", True, False, 1, 1, 1.0),  # E > 256, not a multiple of 32
+    (9, 256, 8, "sigmoid", True, True, 8, 4, 2.5),  # DeepSeek-V3 router
+    (9, 33, 33, "sigmoid", False, True, 1, 1, 1.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ROUTES, ids=lambda c: "T{}-E{}-k{}-{}-g{}".format(
+    c[0], c[1], c[2], c[3], c[6]))
+def test_route_equals_the_cpu_kernel(emu, case, dtype):
+    T, E, k, score, renorm, with_bias, groups, topk_groups, scale = case
+    gen = torch.Generator().manual_seed(T * 1000 + E)
+    logits = torch.randn(T, E, generator=gen).to(dtype)
+    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    bias = torch.randn(E, generator=gen).to(wdtype) * 0.1 if with_bias else None
+    args = (k, score, renorm, bias, groups, topk_groups, scale)
+    w, ids, counts = emu.route(logits, *args)
+    w_ref, ids_ref, counts_ref = cpu.route(logits, *args)
+    assert w.dtype == w_ref.dtype and ids.dtype == torch.int32
+    assert_equal(ids, ids_ref)
+    assert_equal(counts, counts_ref)
+    close(w, w_ref, wdtype)
+
+    grad_w = torch.randn(T, k, generator=gen).to(wdtype)
+    grad = emu.route_backward(grad_w, logits, ids, score, renorm, scale)
+    grad_ref = cpu.route_backward(grad_w, logits, ids_ref, score, renorm, scale)
+    close(grad, grad_ref, dtype)
+
+
+def test_route_ties_nan_and_inf_rows_equal_the_cpu_kernel(emu):
+    logits = torch.tensor([
+        [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+        [float("nan")] * 7,
+        [float("-inf"), 0.0, float("-inf"), 2.0, 2.0, float("nan"), 1.0],
+        [float("inf"), 0.0, 1.0, float("inf"), -1.0, 0.0, 0.0],
+        [3.0] * 7,
+    ])
+    for score in ("softmax", "sigmoid"):
+        for renorm in (True, False):
+            args = (3, score, renorm, None, 1, 1, 1.0)
+            w, ids, counts = emu.route(logits, *args)
+            w_ref, ids_ref, counts_ref = cpu.route(logits, *args)
+            assert_equal(ids, ids_ref)
+            assert_equal(counts, counts_ref)
+            torch.testing.assert_close(w, w_ref, equal_nan=True)
+
+
+def test_route_matches_the_float64_reference(emu):
+    logits = torch.randn(23, 60, dtype=torch.float64)
+    bias = torch.randn(60, dtype=torch.float64) * 0.1
+    w, ids, _ = emu.route(logits, 4, "sigmoid", True, bias, 6, 3, 1.5)
+    ref = reference.route(logits, 4, score="sigmoid", renormalize=True, expert_bias=bias,
+                          num_groups=6, topk_groups=3, scale=1.5)
+    assert_equal(ids.long(), ref.ids.long())
+    assert_close(w, ref.weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 5, 2), (1, 1, 1), (70, 7, 2), (300, 257, 8),
+                                   (5000, 3, 1)], ids=str)
+def test_router_losses_equal_the_cpu_kernel(emu, shape, dtype):
+    T, E, k = shape
+    gen = torch.Generator().manual_seed(T + E)
+    logits = (torch.randn(T, E, generator=gen) * 2).to(dtype)
+    counts = torch.randint(0, T + 1, (E,), generator=gen, dtype=torch.int32)
+    losses, mean = emu.router_losses(logits, counts, k)
+    losses_ref, mean_ref = cpu.router_losses(logits, counts, k)
+    wdtype = losses_ref.dtype
+    close(losses, losses_ref, wdtype, scale=4)
+    close(mean, mean_ref, wdtype)
+    if T == 0:
+        return
+    grad_losses = torch.randn(4, generator=gen).to(wdtype)
+    grad = emu.router_losses_backward(grad_losses, logits, counts, k, mean_ref)
+    grad_ref = cpu.router_losses_backward(grad_losses, logits, counts, k, mean_ref)
+    close(grad, grad_ref, dtype, scale=4)
+
+
+# ---- dispatch ------------------------------------------------------------------------------
+
+def routed(T, k, E, seed=0, dtype=torch.int32, skew=None):
+    gen = torch.Generator().manual_seed(seed)
+    if skew == "one":
+        return torch.full((T, k), E - 1, dtype=dtype)
+    scores = torch.rand(T, E, generator=gen)
+    if skew == "empty":
+        scores[:, ::2] = -1  # every even expert gets nothing
+    return scores.topk(k, dim=1).indices.to(dtype)
+
+
+DISPATCHES = [
+    (0, 2, 4, None), (1, 1, 1, None), (33, 2, 7, None), (33, 8, 8, None), (64, 1, 60, "empty"),
+    (257, 4, 257, None), (700, 2, 5, "one"),
+    (1500, 2, 9, None),  # 3000 slots: three counting-sort chunks
+    (600, 2, 600, None),  # a [chunks, E] histogram over one 1024-entry scan tile
+]
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("case", DISPATCHES, ids=str)
+def test_dispatch_equals_the_cpu_kernel(emu, case, ids_dtype):
+    T, k, E, skew = case
+    ids = routed(T, k, E, dtype=ids_dtype, skew=skew)
+    got, want = emu.dispatch(ids, E), cpu.dispatch(ids, E)
+    for a, b, name in zip(got, want, ("order", "offsets", "inverse")):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert_equal(a, b, msg=name)
+
+
+def test_dispatch_is_the_same_under_every_schedule(emu):
+    ids = routed(1500, 2, 9, skew=None)
+    want = cpu.dispatch(ids, 9)
+    for seed in (2, 3, 4):
+        got = with_seed(seed, lambda: emu.dispatch(ids, 9))
+        for a, b in zip(got, want):
+            assert_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H", [64, 7], ids=lambda h: f"H{h}")  # 16-byte packs, single elements
+@pytest.mark.parametrize("weighted", [True, False], ids=["weights", "no-weights"])
+def test_permute_unpermute_equal_the_cpu_kernel(emu, dtype, H, weighted):
+    T, k, E = 29, 3, 7
+    gen = torch.Generator().manual_seed(H)
+    ids = routed(T, k, E)
+    _, _, inverse = cpu.dispatch(ids, E)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    assert_equal(emu.permute(x, inverse), cpu.permute(x, inverse))
+    ys = torch.randn(T * k, H, generator=gen).to(dtype)
+    w = torch.rand(T, k, generator=gen) if weighted else None
+    close(emu.unpermute(ys, inverse, w), cpu.unpermute(ys, inverse, w), dtype)
+    grad_y = torch.randn(T, H, generator=gen).to(dtype)
+    for wants_grad_w in ((True, False) if weighted else (False,)):
+        g_ys, g_w = emu.unpermute_backward(grad_y, ys, inverse, w, wants_grad_w)
+        g_ys_ref, g_w_ref = cpu.unpermute_backward(grad_y, ys, inverse, w, wants_grad_w)
+        close(g_ys, g_ys_ref, dtype)
+        assert g_w.shape == g_w_ref.shape
+        if wants_grad_w:
+            close(g_w, g_w_ref, torch.float64 if dtype == torch.float64 else torch.float32,
+                  scale=50)
+
+
+# ---- grouped_mm ----------------------------------------------------------------------------
+
+def offsets_of(counts):
+    return torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int64)
+
+
+GROUPS = [
+    ([5], 16, 8),  # E = 1
+    ([0, 70, 3, 0, 1, 0, 20], 40, 72),  # empty experts, K and M off the tile sizes
+    ([0, 0, 130], 33, 65),  # all rows on one expert, three row tiles
+    ([16, 16], 0, 8),  # K = 0: zeros (plus bias)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GROUPS, ids=lambda c: f"E{len(c[0])}-K{c[1]}-M{c[2]}")
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_grouped_mm_matches_the_float64_reference(emu, case, dtype, layout):
+    counts, K, M = case
+    E, N = len(counts), sum(counts)
+    gen = torch.Generator().manual_seed(N + K + M)
+    x = torch.randn(N, K, generator=gen).to(dtype)
+    if layout == "contiguous":
+        w = torch.randn(E, K, M, generator=gen).to(dtype)
+    else:  # unit stride along K, as w^T in the backward pass
+        w = torch.randn(E, M, K, generator=gen).to(dtype).transpose(1, 2)
+    bias = torch.randn(E, M, generator=gen).to(dtype)
+    offsets = offsets_of(counts)
+    scale = max(1.0, K / 8)
+    for b in (None, bias):
+        out = emu.grouped_mm(x, w, offsets, b)
+        ref = reference.grouped_mm(x.double(), w.double(), offsets,
+                                   None if b is None else b.double())
+        assert_close(out, ref, dtype=dtype, scale=scale)
+
+    grad_out = torch.randn(N, M, generator=gen).to(dtype)
+    grad_x, grad_w, grad_b = emu.grouped_mm_backward(grad_out, x, w, offsets, [True] * 3)
+    g64, x64, w64 = grad_out.double(), x.double(), w.double().requires_grad_(True)
+    x64.requires_grad_(True)
+    b64 = bias.double().requires_grad_(True)
+    reference.grouped_mm(x64, w64, offsets, b64).backward(g64)
+    rows = max(counts) if counts else 1
+    assert_close(grad_x, x64.grad, dtype=dtype, scale=max(1.0, M / 8))
+    assert_close(grad_w, w64.grad, dtype=dtype, scale=max(1.0, rows / 8))
+    assert_close(grad_b, b64.grad, dtype=dtype, scale=max(1.0, rows / 8))
+
+
+def test_grouped_mm_is_the_same_under_every_schedule(emu):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(90, 48, generator=gen).to(torch.bfloat16)
+    w = torch.randn(3, 48, 70, generator=gen).to(torch.bfloat16)
+    offsets = offsets_of([10, 0, 80])
+    want = emu.grouped_mm(x, w, offsets, None)
+    for seed in (2, 3):
+        assert_equal(with_seed(seed, lambda: emu.grouped_mm(x, w, offsets, None)), want)
+
+
+# ---- swiglu --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (37, 5), (8, 96)], ids=str)
+def test_swiglu_equals_the_cpu_kernel(emu, dtype, shape):
+    rows, ffn = shape
+    gen = torch.Generator().manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * ffn, generator=gen).to(dtype)
+    close(emu.swiglu(gate_up), cpu.swiglu(gate_up), dtype)
+    grad = torch.randn(rows, ffn, generator=gen).to(dtype)
+    close(emu.swiglu_backward(grad, gate_up), cpu.swiglu_backward(grad, gate_up), dtype)
+
+
+# ---- device-side checks --------------------------------------------------------------------
+
+def test_dispatch_id_out_of_range_fails_on_the_device_with_its_message(emu):
+    ids = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"smoe_ops.dispatch: ids\[1, 1\] = 9 is out of range"):
+        emu.dispatch(ids, 4)
+
+
+def test_row_writers_reject_an_inverse_that_is_not_a_permutation(emu):
+    x = torch.randn(2, 8)
+    repeated = torch.tensor([[0, 1], [1, 3]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"smoe_ops.permute: inverse\[1, 0\] = 1 repeats"):
+        emu.permute(x, repeated)
+    outside = torch.tensor([[0, 1], [2, 4]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"smoe_ops.unpermute: inverse\[1, 1\] = 4 is out"):
+        emu.unpermute(torch.randn(4, 8), outside, None)
+
+
+def test_grouped_mm_bad_offsets_fail_on_the_device_with_their_message(emu):
+    x, w = torch.randn(6, 4), torch.randn(2, 4, 3)
+    with pytest.raises(RuntimeError, match=r"offsets must be non-decreasing"):
+        emu.grouped_mm(x, w, torch.tensor([0, 4, 2]), None)
+    with pytest.raises(RuntimeError, match=r"offsets\[2\] must equal x.shape\[0\] \(6\)"):
+        emu.grouped_mm(x, w, torch.tensor([0, 2, 5]), None)
+
+
+def test_route_backward_bad_id_fails_on_the_device(emu):
+    logits = torch.randn(3, 5)
+    ids = torch.tensor([[0], [7], [1]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"ids\[1, 0\] = 7 is out of range"):
+        emu.route_backward(torch.ones(3, 1), logits, ids, "softmax", True, 1.0)
+
+
+def test_host_checks_name_the_argument(emu):
+    with pytest.raises(ValueError, match="smoe_ops.route: .*k"):
+        emu.route(torch.randn(4, 3), 5, "softmax", True, None, 1, 1, 1.0)
+
+
+# ---- the emulator itself -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, message", [
+    ("deadlock", "deadlock"),
+    ("mask_without_self", "leaves out the calling lane 0"),
+    ("shuffle_outside_mask", "outside the mask"),
+    ("trap", r"selftest: thread 5 trapped \[device check in trap_kernel"),
+    ("empty_grid", "invalid launch configuration: a grid dimension is 0"),
+])
+def test_the_emulator_catches_faulty_kernels(emu, name, message):
+    with pytest.raises(RuntimeError, match=message):
+        emu.emulator_selftest(name)
+
+
+def test_the_emulator_schedule_exposes_a_missing_barrier(emu):
+    for seed in range(5):
+        out = with_seed(seed, lambda: emu.emulator_selftest("publish_with_barrier"))
+        assert bool((out == 7).all())
+    seen = [with_seed(s, lambda: emu.emulator_selftest("publish_without_barrier"))
+            for s in range(5)]
+    assert any(bool((out != 7).any()) for out in seen)
