@@ -64,6 +64,10 @@ ROUTES = [
     (9, 257, 8, "softmax", True, False, 1, 1, 1.0),  # E > 256, not a multiple of 32
     (9, 256, 8, "sigmoid", True, True, 8, 4, 2.5),  # DeepSeek-V3 router
     (9, 33, 33, "sigmoid", False, True, 1, 1, 1.0),
+    # E > 512: a block per row
+    (5, 600, 8, "softmax", True, False, 1, 1, 1.0),
+    (3, 1024, 16, "sigmoid", True, True, 16, 4, 2.5),
+    (1, 520, 520, "softmax", False, False, 1, 1, 1.0),
 ]
 
 
@@ -90,14 +94,18 @@ def test_route_equals_the_cpu_kernel(emu, case, dtype):
     close(grad, grad_ref, dtype)
 
 
-def test_route_ties_nan_and_inf_rows_equal_the_cpu_kernel(emu):
-    logits = torch.tensor([
+@pytest.mark.parametrize("E", [7, 100, 600])  # a warp (one or four key slots), a block
+def test_route_ties_nan_and_inf_rows_equal_the_cpu_kernel(emu, E):
+    nan, inf = float("nan"), float("inf")
+    pattern = torch.tensor([
         [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
-        [float("nan")] * 7,
-        [float("-inf"), 0.0, float("-inf"), 2.0, 2.0, float("nan"), 1.0],
-        [float("inf"), 0.0, 1.0, float("inf"), -1.0, 0.0, 0.0],
+        [nan] * 7,
+        [-inf, 0.0, -inf, 2.0, 2.0, nan, 1.0],
+        [inf, 0.0, 1.0, inf, -1.0, 0.0, 0.0],
         [3.0] * 7,
+        [-inf] * 7,
     ])
+    logits = pattern.repeat(1, (E + 6) // 7)[:, :E].contiguous()
     for score in ("softmax", "sigmoid"):
         for renorm in (True, False):
             args = (3, score, renorm, None, 1, 1, 1.0)

@@ -16,16 +16,19 @@
 //   round distinct logits to a tie): CPU and CUDA then choose the same ids exactly.
 // route_backward, router_losses(_backward): the formulas of csrc/cpu/routing.cpp.
 //
-// Threads: one warp per row (8 rows per 256-thread block), for every E: lanes stride over the
-//   row's E entries, and warp shuffles reduce. Selection is k passes of a warp arg-max, each
-//   taking the best entry that comes after the previous pick in the selection order; nothing
-//   is kept per entry, so any E and any k <= E work with no shared memory. Scores are
-//   recomputed from the logits (in L1) on each pass instead of stored. Group scores go to a
-//   [T, num_groups] global workspace (lanes over groups), then the topk_groups-th best group
-//   is found the same way, and an expert is eligible when its group ranks at or above it.
-//   counts: one atomicAdd per chosen (t, j).
-//   TODO: a block per row (and keys cached in shared memory) for wide rows, where the k passes
-//   of one warp over E entries dominate: decide the threshold from gpu_check.sh's route rows.
+// Threads, route: a team routes one row: a warp (8 rows per 256-thread block) while
+//   E <= 32 * kMaxSlots, else a 256-thread block. Members stride over the row's E entries and
+//   reduce through shuffles (and shared memory across a block's warps, in a fixed order).
+//   Selection is k passes of a team arg-max, each taking the best entry that comes after the
+//   previous pick in the selection order, so any E and any k <= E work and nothing per entry
+//   needs to be stored. A warp keeps its lanes' keys in registers (S = ceil(E / 32) slots,
+//   S a power of two up to kMaxSlots: the key of each entry, an exp and a divide, is computed
+//   once, not k times); a block recomputes them from the logits (in L1) on each pass. Group
+//   scores go to a [T, num_groups] global workspace (members over groups), then the
+//   topk_groups-th best group is found the same way, and an expert is eligible when its
+//   group ranks at or above it. counts: one atomicAdd per chosen (t, j).
+//   TODO: the warp / block threshold (E = 32 * kMaxSlots) and the counts atomics (contended
+//   at large T) are unmeasured: set them from gpu_check.sh's route rows on a GPU.
 // router_losses: (1) a warp per row writes lse_t and H(p_t); (2) a thread per (column, chunk
 //   of rows) sums p_te (and lse^2, entropy as two extra columns) in float64 over its chunk;
 //   (3) a thread per column adds the chunks in order; (4) one block reduces balance and
@@ -81,32 +84,101 @@ struct RouteArgs {
   int32_t* counts;
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) route_kernel(RouteArgs<T> args) {
+// The threads that route one row: a warp, or a whole block of kBlockTeam threads. rank is the
+// thread's place in the team; every reduction returns its result to every member.
+struct WarpTeam {
+  static constexpr int kSize = kWarp;
+  int rank;
+  __device__ __forceinline__ void sync() const { __syncwarp(); }
+  template <typename A>
+  __device__ __forceinline__ A max(A v) const {
+    return warp_max(v);
+  }
+  template <typename A>
+  __device__ __forceinline__ A sum(A v) const {
+    return warp_sum(v);
+  }
+  template <typename A>
+  __device__ __forceinline__ void best(A& q, int32_t& id) const {
+    warp_best(q, id);
+  }
+};
+
+constexpr int kBlockTeam = 256, kTeamWarps = kBlockTeam / kWarp;
+
+// Across warps through shared memory, folded in warp order (deterministic), with a barrier
+// before the scratch is reused.
+struct BlockTeam {
+  static constexpr int kSize = kBlockTeam;
+  int rank;
+  double* scratch_q;  // [kTeamWarps], shared
+  int32_t* scratch_id;
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  template <typename A, typename Fold>
+  __device__ __forceinline__ A fold(A v, Fold f) const {
+    if (rank % kWarp == 0) scratch_q[rank / kWarp] = double(v);
+    __syncthreads();
+    A r = A(scratch_q[0]);
+    for (int w = 1; w < kTeamWarps; ++w) r = f(r, A(scratch_q[w]));
+    __syncthreads();
+    return r;
+  }
+  template <typename A>
+  __device__ __forceinline__ A max(A v) const {
+    return fold(warp_max(v), [](A a, A b) { return fmax(a, b); });
+  }
+  template <typename A>
+  __device__ __forceinline__ A sum(A v) const {
+    return fold(warp_sum(v), [](A a, A b) { return a + b; });
+  }
+  template <typename A>
+  __device__ __forceinline__ void best(A& q, int32_t& id) const {
+    warp_best(q, id);
+    if (rank % kWarp == 0) {
+      scratch_q[rank / kWarp] = double(q);
+      scratch_id[rank / kWarp] = id;
+    }
+    __syncthreads();
+    q = A(scratch_q[0]);
+    id = scratch_id[0];
+    for (int w = 1; w < kTeamWarps; ++w) {
+      const A other_q = A(scratch_q[w]);
+      if (goes_before(other_q, scratch_id[w], q, id)) {
+        q = other_q;
+        id = scratch_id[w];
+      }
+    }
+    __syncthreads();
+  }
+};
+
+// Routes row t with `team`; S > 0 caches the member's keys (entries rank + i * kSize, i < S,
+// which must cover the row) in registers, S = 0 recomputes them on each pass.
+template <typename T, int S, typename Team>
+__device__ __forceinline__ void route_row(const RouteArgs<T>& args, int64_t t, const Team& team) {
   using A = acc_t<T>;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t t = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
-  if (t >= args.num_tokens) return;  // whole warps leave together
+  constexpr int kSize = Team::kSize;
+  const int rank = team.rank;
   const int64_t E = args.E, k = args.k;
   const T* x = args.logits + t * E;
 
   // Softmax statistics (also decide the on-logits path: a finite row sum).
   A m = neg_inf<A>(), row_sum = 0;
-  for (int64_t e = lane; e < E; e += kWarp) {
+  for (int64_t e = rank; e < E; e += kSize) {
     const A v = to_acc(x[e]);
     m = fmax(m, v);
     row_sum += v;
   }
-  m = warp_max(m);
-  row_sum = warp_sum(row_sum);
+  m = team.max(m);
+  row_sum = team.sum(row_sum);
   const bool on_logits = std::is_same_v<A, float> && args.bias == nullptr &&
                          args.num_groups == 1 && (args.sigmoid || args.renormalize) &&
                          isfinite(row_sum);
   A inv_sum = 1;
   if (!args.sigmoid && !on_logits) {
     A sum = 0;
-    for (int64_t e = lane; e < E; e += kWarp) sum += exp_acc(to_acc(x[e]) - m);
-    inv_sum = A(1) / warp_sum(sum);
+    for (int64_t e = rank; e < E; e += kSize) sum += exp_acc(to_acc(x[e]) - m);
+    inv_sum = A(1) / team.sum(sum);
   }
   auto score = [&](int64_t e) -> A {
     const A v = to_acc(x[e]);
@@ -125,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(RouteArgs<T> args) {
   int32_t gid = INT32_MAX;
   A* group_score = args.group_scores + t * args.num_groups;
   if (args.num_groups > 1) {
-    for (int64_t g = lane; g < args.num_groups; g += kWarp) {
+    for (int64_t g = rank; g < args.num_groups; g += kSize) {
       A best = neg_inf<A>(), second = neg_inf<A>();
       for (int64_t e = g * G; e < (g + 1) * G; ++e) {
         const A v = key(e);
@@ -135,13 +207,13 @@ __global__ void __launch_bounds__(kThreads) route_kernel(RouteArgs<T> args) {
       }
       group_score[g] = rank_key(G == 1 ? best : best + second);
     }
-    __syncwarp();
+    team.sync();
     A prev_q = std::numeric_limits<A>::infinity();
     int32_t prev_id = -1;
     for (int64_t j = 0; j < args.topk_groups; ++j) {
       A q = neg_inf<A>();
       int32_t id = INT32_MAX;
-      for (int64_t g = lane; g < args.num_groups; g += kWarp) {
+      for (int64_t g = rank; g < args.num_groups; g += kSize) {
         const A v = group_score[g];
         const bool after = v < prev_q || (v == prev_q && g > prev_id);
         if (after && goes_before(v, int32_t(g), q, id)) {
@@ -149,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(RouteArgs<T> args) {
           id = int32_t(g);
         }
       }
-      warp_best(q, id);
+      team.best(q, id);
       prev_q = q;
       prev_id = id;
     }
@@ -163,6 +235,20 @@ __global__ void __launch_bounds__(kThreads) route_kernel(RouteArgs<T> args) {
     return v > gq || (v == gq && g <= gid);
   };
 
+  // The member's cached keys, and which of them are candidates (inside the row and kept).
+  A cached[S > 0 ? S : 1];
+  uint32_t candidates = 0;
+  if constexpr (S > 0) {
+    static_assert(S <= 32, "one candidate bit per slot");
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const int64_t e = rank + int64_t(i) * kSize;
+      const bool candidate = e < E && kept(e);
+      cached[i] = candidate ? key(e) : A(0);
+      candidates |= uint32_t(candidate) << i;
+    }
+  }
+
   // Experts: k passes, each picking the best entry after the previous pick.
   int32_t* ids = args.ids + t * k;
   A* w = args.weights + t * k;
@@ -171,25 +257,34 @@ __global__ void __launch_bounds__(kThreads) route_kernel(RouteArgs<T> args) {
   for (int64_t j = 0; j < k; ++j) {
     A q = neg_inf<A>();
     int32_t id = INT32_MAX;
-    for (int64_t e = lane; e < E; e += kWarp) {
-      const A v = key(e);
+    auto consider = [&](int64_t e, A v) {
       const bool after = v < prev_q || (v == prev_q && e > prev_id);
-      if (after && kept(e) && goes_before(v, int32_t(e), q, id)) {
+      if (after && goes_before(v, int32_t(e), q, id)) {
         q = v;
         id = int32_t(e);
       }
+    };
+    if constexpr (S > 0) {
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        if ((candidates >> i) & 1u) consider(rank + int64_t(i) * kSize, cached[i]);
+      }
+    } else {
+      for (int64_t e = rank; e < E; e += kSize) {
+        if (kept(e)) consider(e, key(e));
+      }
     }
-    warp_best(q, id);
+    team.best(q, id);
     prev_q = q;
     prev_id = id;
-    if (lane == 0) {
+    if (rank == 0) {
       ids[j] = id;
       atomicAdd(args.counts + id, 1);
     }
   }
 
-  // Weights, serially on lane 0 in j order (the CPU's summation order).
-  if (lane == 0) {
+  // Weights, serially on member 0 in j order (the CPU's summation order).
+  if (rank == 0) {
     const A top = to_acc(x[ids[0]]);
     A total = 0;
     for (int64_t j = 0; j < k; ++j) {
@@ -208,6 +303,23 @@ __global__ void __launch_bounds__(kThreads) route_kernel(RouteArgs<T> args) {
         args.renormalize ? args.scale / (total < tiny ? tiny : total) : args.scale;
     for (int64_t j = 0; j < k; ++j) w[j] *= factor;
   }
+}
+
+// Key slots a warp keeps per lane at most: rows of up to 32 * kMaxSlots experts go to a warp.
+constexpr int kMaxSlots = 16;
+
+template <typename T, int S>
+__global__ void __launch_bounds__(kThreads) route_warp_kernel(RouteArgs<T> args) {
+  const int64_t t = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
+  if (t >= args.num_tokens) return;  // whole warps leave together
+  route_row<T, S>(args, t, WarpTeam{int(threadIdx.x % kWarp)});
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockTeam) route_block_kernel(RouteArgs<T> args) {
+  __shared__ double scratch_q[kTeamWarps];
+  __shared__ int32_t scratch_id[kTeamWarps];
+  route_row<T, 0>(args, blockIdx.x, BlockTeam{int(threadIdx.x), scratch_q, scratch_id});
 }
 
 template <typename T>
@@ -449,7 +561,20 @@ cudaError_t route(DType dtype, const void* logits, const void* bias, int64_t T, 
                        static_cast<A*>(weights),
                        ids,
                        counts};
-    SMOE_LAUNCH(row_blocks(T), kThreads, 0, stream, route_kernel<T_>)(args);
+    const unsigned blocks = row_blocks(T);
+    if (E <= kWarp) {
+      SMOE_LAUNCH(blocks, kThreads, 0, stream, route_warp_kernel<T_, 1>)(args);
+    } else if (E <= 2 * kWarp) {
+      SMOE_LAUNCH(blocks, kThreads, 0, stream, route_warp_kernel<T_, 2>)(args);
+    } else if (E <= 4 * kWarp) {
+      SMOE_LAUNCH(blocks, kThreads, 0, stream, route_warp_kernel<T_, 4>)(args);
+    } else if (E <= 8 * kWarp) {
+      SMOE_LAUNCH(blocks, kThreads, 0, stream, route_warp_kernel<T_, 8>)(args);
+    } else if (E <= kMaxSlots * kWarp) {
+      SMOE_LAUNCH(blocks, kThreads, 0, stream, route_warp_kernel<T_, kMaxSlots>)(args);
+    } else {
+      SMOE_LAUNCH(unsigned(T), kBlockTeam, 0, stream, route_block_kernel<T_>)(args);
+    }
     return cudaGetLastError();
   });
 }

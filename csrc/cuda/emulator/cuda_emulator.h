@@ -7,8 +7,10 @@
 //   - A launch runs its blocks one after another. Each CUDA thread of a block is a fiber (its
 //     own stack) on the calling OS thread; a fiber runs until it reaches a synchronization
 //     point (__syncthreads, a warp collective, exit), and the scheduler then picks the next
-//     ready fiber in a seeded random order (SMOE_CUDA_EMULATOR_SEED, default 1). A missing
-//     __syncthreads or __syncwarp therefore shows up as a wrong result for some orders.
+//     ready fiber: mostly by a random ranking of the warps (so one warp runs as far ahead of
+//     the others as the barriers allow), sometimes uniformly; seeded by
+//     SMOE_CUDA_EMULATOR_SEED (default 1). A missing __syncthreads or __syncwarp therefore
+//     shows up as a wrong result for some seeds.
 //   - __syncthreads releases when every live thread of the block has arrived (exited threads
 //     count as arrived, as on sm_70+). Warp collectives (__shfl_xor_sync, __match_any_sync,
 //     __syncwarp, mma.sync) release when every lane named in the mask has arrived at a

@@ -29,7 +29,8 @@ enum class State { kReady, kBlocked, kDone };
 struct Fiber {
   ucontext_t context;
   ThreadIndex index;
-  int lane = 0, warp = 0;
+  int tid = 0, lane = 0, warp = 0;
+  uint64_t priority = 0;  // the scheduler's preference (see run_grid)
   State state = State::kDone;
   bool at_barrier = false;
 };
@@ -60,6 +61,7 @@ struct Grid {
   std::vector<Fiber> fibers;
   std::vector<std::array<LaneSlot, kWarp>> warps;
   int threads = 0, live = 0, arrived = 0;
+  std::vector<int> ready;  // fibers that may run, in no order: the scheduler draws from it
   Fiber* current = nullptr;
   ucontext_t scheduler;
   bool failed = false;
@@ -98,13 +100,18 @@ std::string where() {
   return text;
 }
 
+void make_ready(Fiber& f) {
+  f.state = State::kReady;
+  g_grid->ready.push_back(f.tid);
+}
+
 void release_barrier_if_complete() {
   Grid& g = *g_grid;
   if (g.arrived == 0 || g.arrived < g.live) return;
   for (Fiber& f : g.fibers) {
     if (f.at_barrier) {
       f.at_barrier = false;
-      f.state = State::kReady;
+      make_ready(f);
     }
   }
   g.arrived = 0;
@@ -255,7 +262,7 @@ void try_fire(int warp, Collective kind, unsigned mask) {
   for (int lane = 0; lane < kWarp; ++lane) {
     if (!((mask >> lane) & 1u)) continue;
     slots[lane].waiting = false;
-    g.fibers[warp_base + lane].state = State::kReady;
+    make_ready(g.fibers[warp_base + lane]);
   }
 }
 
@@ -357,53 +364,56 @@ void run_grid(const LaunchConfig& config, const char* kernel_name,
   grid.warps.resize((grid.threads + kWarp - 1) / kWarp);
   while (int(g_stacks.size()) < grid.threads) g_stacks.push_back(std::make_unique<Stack>());
   std::mt19937_64 rng(schedule_seed());
-  std::vector<int> order;
   g_grid = &grid;
   for (unsigned bz = 0; bz < config.grid.z && !grid.failed; ++bz) {
     for (unsigned by = 0; by < config.grid.y && !grid.failed; ++by) {
       for (unsigned bx = 0; bx < config.grid.x && !grid.failed; ++bx) {
+        grid.ready.clear();
+        std::vector<uint64_t> warp_priority(grid.warps.size());
+        for (uint64_t& p : warp_priority) p = rng() >> 32;
         for (int tid = 0; tid < grid.threads; ++tid) {
           Fiber& f = grid.fibers[tid];
-          f.index = {dim3(tid % b.x, (tid / b.x) % b.y, tid / (b.x * b.y)), dim3(bx, by, bz), b,
-                     config.grid};
+          f.index = {dim3(tid % b.x, (tid / b.x) % b.y, tid / (b.x * b.y)), dim3(bx, by, bz),
+                     b, config.grid};
+          f.tid = tid;
           f.lane = tid % kWarp;
           f.warp = tid / kWarp;
-          f.state = State::kReady;
+          f.priority = (warp_priority[f.warp] << 32) | (rng() >> 32);
           f.at_barrier = false;
           getcontext(&f.context);
           f.context.uc_stack.ss_sp = g_stacks[tid]->base;
           f.context.uc_stack.ss_size = kStackBytes;
           f.context.uc_link = &grid.scheduler;
           makecontext(&f.context, fiber_entry, 0);
+          make_ready(f);
         }
         for (auto& slots : grid.warps) slots = {};
         grid.live = grid.threads;
         grid.arrived = 0;
-        while (!grid.failed) {
-          order.clear();
-          bool blocked = false;
-          for (int tid = 0; tid < grid.threads; ++tid) {
-            if (grid.fibers[tid].state == State::kReady) order.push_back(tid);
-            blocked |= grid.fibers[tid].state == State::kBlocked;
-          }
-          if (order.empty()) {
-            if (blocked) {
-              grid.failed = true;
-              grid.error = std::string(kernel_name) + ", block (" + std::to_string(bx) + ", " +
-                           std::to_string(by) + ", " + std::to_string(bz) +
-                           "): deadlock: threads wait at __syncthreads or a warp collective "
-                           "that the others never reach";
+        // One ready fiber at a time: mostly the one of highest priority (warps ranked at
+        // random, so that one warp runs as far ahead of the others as the barriers let it, as
+        // it can on a GPU), one time in eight a ready fiber drawn uniformly.
+        while (!grid.failed && !grid.ready.empty()) {
+          size_t pick = rng() % grid.ready.size();
+          if (rng() % 8 != 0) {
+            for (size_t i = 0; i < grid.ready.size(); ++i) {
+              if (grid.fibers[grid.ready[i]].priority > grid.fibers[grid.ready[pick]].priority) {
+                pick = i;
+              }
             }
-            break;
           }
-          std::shuffle(order.begin(), order.end(), rng);
-          for (int tid : order) {
-            Fiber& f = grid.fibers[tid];
-            if (f.state != State::kReady) continue;
-            grid.current = &f;
-            swapcontext(&grid.scheduler, &f.context);
-            if (grid.failed) break;
-          }
+          Fiber& f = grid.fibers[grid.ready[pick]];
+          grid.ready[pick] = grid.ready.back();
+          grid.ready.pop_back();
+          grid.current = &f;
+          swapcontext(&grid.scheduler, &f.context);
+        }
+        if (!grid.failed && grid.live > 0) {
+          grid.failed = true;
+          grid.error = std::string(kernel_name) + ", block (" + std::to_string(bx) + ", " +
+                       std::to_string(by) + ", " + std::to_string(bz) +
+                       "): deadlock: threads wait at __syncthreads or a warp collective that "
+                       "the others never reach";
         }
       }
     }
