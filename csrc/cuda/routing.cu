@@ -29,10 +29,13 @@
 //   group ranks at or above it. counts: one atomicAdd per chosen (t, j).
 //   TODO: the warp / block threshold (E = 32 * kMaxSlots) and the counts atomics (contended
 //   at large T) are unmeasured: set them from gpu_check.sh's route rows on a GPU.
-// router_losses: (1) a warp per row writes lse_t and H(p_t); (2) a thread per (column, chunk
-//   of rows) sums p_te (and lse^2, entropy as two extra columns) in float64 over its chunk;
-//   (3) a thread per column adds the chunks in order; (4) one block reduces balance and
-//   batch entropy in a fixed tree. No atomics on floats: results are deterministic.
+// router_losses: (1) partial sums per chunk of rows, [chunks, E + 2] in float64: p_te per
+//   column, then lse_t^2 and H(p_t). For E <= 32 * kMaxSlots one fused pass reads the logits
+//   once (a block per chunk, a warp per row, a lane's entries in registers); wider rows take
+//   two kernels: a warp per row writes lse_t and H(p_t), then a thread per (column, chunk)
+//   sums p_te = exp(x_te - lse_t). (2) a thread per column adds the chunks in order; (3) one
+//   block reduces balance and batch entropy in a fixed tree. No atomics on floats: results
+//   are deterministic.
 // router_losses_backward: a thread per expert forms a_e, then a warp per row writes its grad.
 // Reference: smoe_ops.reference.route, smoe_ops.reference.router_losses.
 #include "cuda/device_utils.cuh"
@@ -308,6 +311,18 @@ __device__ __forceinline__ void route_row(const RouteArgs<T>& args, int64_t t, c
 // Key slots a warp keeps per lane at most: rows of up to 32 * kMaxSlots experts go to a warp.
 constexpr int kMaxSlots = 16;
 
+// Calls f(std::integral_constant<int, S>) with S the fewest register slots per lane (a power
+// of two) that cover a row of E entries, or S = 0 when E > 32 * kMaxSlots.
+template <typename F>
+cudaError_t with_slots(int64_t E, F&& f) {
+  if (E <= kWarp) return f(std::integral_constant<int, 1>{});
+  if (E <= 2 * kWarp) return f(std::integral_constant<int, 2>{});
+  if (E <= 4 * kWarp) return f(std::integral_constant<int, 4>{});
+  if (E <= 8 * kWarp) return f(std::integral_constant<int, 8>{});
+  if (E <= kMaxSlots * kWarp) return f(std::integral_constant<int, kMaxSlots>{});
+  return f(std::integral_constant<int, 0>{});
+}
+
 template <typename T, int S>
 __global__ void __launch_bounds__(kThreads) route_warp_kernel(RouteArgs<T> args) {
   const int64_t t = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
@@ -449,6 +464,70 @@ __global__ void loss_partial_kernel(const T* logits, int64_t num_tokens, int64_t
   partial[c * (E + 2) + col] = acc;
 }
 
+// The fused pass (E <= 32 * kMaxSlots): block c owns the rows of chunk c, its warp w the rows
+// begin + w, begin + w + 8, ...; a lane loads its S entries of a row once into registers,
+// forms the row's softmax statistics with the warp, and adds p_te, lse_t^2 and H(p_t) to
+// float64 accumulators. The block then folds its warps' sums in warp order into
+// partial[c, :]: the logits are read once, and the result does not depend on timing.
+template <typename T, int S>
+__global__ void __launch_bounds__(kThreads)
+    loss_fused_partial_kernel(const T* logits, int64_t num_tokens, int64_t E,
+                              int64_t rows_per_chunk, double* partial) {
+  using A = acc_t<T>;
+  constexpr int kCols = kWarp * S + 2;  // the lanes' columns, then lse^2 and entropy
+  __shared__ double sums[kRowsPerBlock][kCols];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t c = blockIdx.x, begin = c * rows_per_chunk;
+  const int64_t end = begin + rows_per_chunk < num_tokens ? begin + rows_per_chunk : num_tokens;
+  double acc[S];
+#pragma unroll
+  for (int i = 0; i < S; ++i) acc[i] = 0;
+  double lse_sq = 0, entropy = 0;
+  for (int64_t t = begin + warp; t < end; t += kRowsPerBlock) {
+    const T* x = logits + t * E;
+    A v[S];
+    A m = neg_inf<A>();
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const int64_t e = lane + int64_t(i) * kWarp;
+      v[i] = e < E ? to_acc(x[e]) : neg_inf<A>();
+      m = fmax(m, v[i]);
+    }
+    m = warp_max(m);
+    A sum = 0;
+#pragma unroll
+    for (int i = 0; i < S; ++i) sum += lane + i * kWarp < E ? exp_acc(v[i] - m) : A(0);
+    sum = warp_sum(sum);
+    const A inv = A(1) / sum;
+    A weighted = 0;  // sum_{p > 0} p (x - m): H = log(sum) - weighted, with 0 log 0 = 0
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      if (lane + i * kWarp >= E) continue;
+      const A p = exp_acc(v[i] - m) * inv;
+      weighted += p > A(0) ? p * (v[i] - m) : A(0);
+      acc[i] += double(p);
+    }
+    weighted = warp_sum(weighted);
+    const A log_sum = log_acc(sum);
+    const double lse = double(m + log_sum);
+    lse_sq += lse * lse;
+    entropy += double(log_sum - weighted);
+  }
+#pragma unroll
+  for (int i = 0; i < S; ++i) sums[warp][lane + i * kWarp] = acc[i];
+  if (lane == 0) {
+    sums[warp][kCols - 2] = lse_sq;
+    sums[warp][kCols - 1] = entropy;
+  }
+  __syncthreads();
+  for (int64_t col = threadIdx.x; col < E + 2; col += kThreads) {
+    const int64_t from = col < E ? col : kCols - 2 + (col - E);
+    double total = 0;
+    for (int w = 0; w < kRowsPerBlock; ++w) total += sums[w][from];
+    partial[c * (E + 2) + col] = total;
+  }
+}
+
 template <typename A>
 __global__ void loss_total_kernel(const double* partial, int64_t chunks, int64_t E,
                                   double inv_tokens, double* total, A* mean_probs) {
@@ -561,21 +640,15 @@ cudaError_t route(DType dtype, const void* logits, const void* bias, int64_t T, 
                        static_cast<A*>(weights),
                        ids,
                        counts};
-    const unsigned blocks = row_blocks(T);
-    if (E <= kWarp) {
-      SMOE_LAUNCH(blocks, kThreads, 0, stream, route_warp_kernel<T_, 1>)(args);
-    } else if (E <= 2 * kWarp) {
-      SMOE_LAUNCH(blocks, kThreads, 0, stream, route_warp_kernel<T_, 2>)(args);
-    } else if (E <= 4 * kWarp) {
-      SMOE_LAUNCH(blocks, kThreads, 0, stream, route_warp_kernel<T_, 4>)(args);
-    } else if (E <= 8 * kWarp) {
-      SMOE_LAUNCH(blocks, kThreads, 0, stream, route_warp_kernel<T_, 8>)(args);
-    } else if (E <= kMaxSlots * kWarp) {
-      SMOE_LAUNCH(blocks, kThreads, 0, stream, route_warp_kernel<T_, kMaxSlots>)(args);
-    } else {
-      SMOE_LAUNCH(unsigned(T), kBlockTeam, 0, stream, route_block_kernel<T_>)(args);
-    }
-    return cudaGetLastError();
+    return with_slots(E, [&](auto slots) {
+      constexpr int S = decltype(slots)::value;
+      if constexpr (S > 0) {
+        SMOE_LAUNCH(row_blocks(T), kThreads, 0, stream, route_warp_kernel<T_, S>)(args);
+      } else {
+        SMOE_LAUNCH(unsigned(T), kBlockTeam, 0, stream, route_block_kernel<T_>)(args);
+      }
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -609,13 +682,22 @@ cudaError_t router_losses(DType dtype, const void* logits, const int32_t* counts
     const T_* x = static_cast<const T_*>(logits);
     const unsigned col_blocks = static_cast<unsigned>(ceil_div(E + 2, 256));
     if (T > 0) {
-      SMOE_LAUNCH(row_blocks(T), kThreads, 0, stream, loss_row_stats_kernel<T_>)(x, T, E,
-                                                                                 ws.stats);
-      cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-      SMOE_LAUNCH(dim3(col_blocks, unsigned(chunks)), 256, 0, stream, loss_partial_kernel<T_>)(
-          x, T, E, rows, ws.stats, ws.partial);
-      err = cudaGetLastError();
+      cudaError_t err = with_slots(E, [&](auto slots) {
+        constexpr int S = decltype(slots)::value;
+        if constexpr (S > 0) {
+          SMOE_LAUNCH(unsigned(chunks), kThreads, 0, stream, loss_fused_partial_kernel<T_, S>)(
+              x, T, E, rows, ws.partial);
+          return cudaGetLastError();
+        } else {
+          SMOE_LAUNCH(row_blocks(T), kThreads, 0, stream, loss_row_stats_kernel<T_>)(x, T, E,
+                                                                                     ws.stats);
+          const cudaError_t row_err = cudaGetLastError();
+          if (row_err != cudaSuccess) return row_err;
+          SMOE_LAUNCH(dim3(col_blocks, unsigned(chunks)), 256, 0, stream,
+                      loss_partial_kernel<T_>)(x, T, E, rows, ws.stats, ws.partial);
+          return cudaGetLastError();
+        }
+      });
       if (err != cudaSuccess) return err;
     }
     SMOE_LAUNCH(col_blocks, 256, 0, stream, loss_total_kernel<A>)(
