@@ -18,6 +18,13 @@
 
 #include "cuda/kernels.h"
 
+// Tensor-core code (mma.sync, sm_80+) is compiled in: for such an architecture, or emulated.
+#if defined(SMOE_CUDA_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define SMOE_HAS_MMA 1
+#else
+#define SMOE_HAS_MMA 0
+#endif
+
 namespace smoe {
 namespace cuda {
 
@@ -102,7 +109,60 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// ---- sm_80 data movement: cp.async into shared memory, ldmatrix out of it ------------------
+// Only for SMOE_HAS_MMA code (elsewhere they compile to nothing and must not be called).
+
+// 16 bytes global -> shared, asynchronous; zeros when !valid (global is then not read).
+__device__ __forceinline__ void cp_async_16(void* shared, const void* global, bool valid) {
+#if defined(SMOE_CUDA_EMULATE)
+  emu::cp_async_16(shared, global, valid);
+#elif SMOE_HAS_MMA
+  const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(global),
+               "r"(valid ? 16 : 0));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(SMOE_CUDA_EMULATE)
+  emu::cp_async_commit();
+#elif SMOE_HAS_MMA
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most kPending of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(SMOE_CUDA_EMULATE)
+  emu::cp_async_wait(kPending);
+#elif SMOE_HAS_MMA
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}
+
+// Four 8 x 8 b16 matrices from shared memory; this lane names row lane % 8 of matrix lane / 8.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if defined(SMOE_CUDA_EMULATE)
+  emu::ldmatrix_x4(kTrans, r, row);
+#elif SMOE_HAS_MMA
+  const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+  }
+#endif
+}
 
 // Bad input that only the device can see (it would take a host sync to read it back): print
 // what was wrong and stop the kernel. As with torch's own device-side index checks, the CUDA
@@ -133,12 +193,6 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 #define SMOE_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
 #endif
 
-// Tensor-core code (mma.sync, sm_80+) is compiled in: for such an architecture, or emulated.
-#if defined(SMOE_CUDA_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
-#define SMOE_HAS_MMA 1
-#else
-#define SMOE_HAS_MMA 0
-#endif
 
 }  // namespace cuda
 }  // namespace smoe

@@ -27,9 +27,13 @@
 //   row tile) item and leaves if it has none. Nothing returns to the host: CUDA graphs can
 //   capture it. grad_w: one block per (expert, 64 x 64 tile of [K, M]), reducing over all of
 //   the expert's rows. grad_bias: a thread per (expert, column), summing the expert's rows.
-// TODO: no cp.async double buffering, no ldmatrix, no split of grad_w's reduction for an
-//   expert with most rows, no wgmma/TMA path for sm_90a: add them once the GPU check
-//   (benchmarks/gpu_check.sh) has measured this version against torch._grouped_mm.
+// Pipelined path (bfloat16 / float16 on sm_80+, when the operands allow whole aligned 16-byte
+//   packs: see gemm_tile_pipelined): cp.async into a two-stage shared-memory ring and ldmatrix
+//   fragments, the same 2 x 2 warps of mma.sync; the register-staged tile above serves every
+//   other case.
+// TODO: no split of grad_w's reduction for an expert with most rows, no wgmma/TMA path for
+//   sm_90a, tiles fixed at 64 x 64: tune them once gpu_check.sh has measured this version
+//   against torch._grouped_mm.
 // Reference: smoe_ops.reference.grouped_mm; CPU twin: csrc/cpu/grouped_mm.cpp.
 #include "cuda/device_utils.cuh"
 
@@ -193,6 +197,145 @@ __device__ void gemm_tile(const Tile<T>& t) {
   }
 }
 
+// Where each operand of a tile has its unit stride, for the pipelined path: A along r (x,
+// grad_out) or along i (x^T in grad_w); B along n (w) or along r (w^T, or a w given with unit
+// stride along K). kGeneric: the register-staged gemm_tile, any strides.
+enum Layout : int { kGeneric = 0, kARowsBCols = 1, kARowsBRows = 2, kAColsBCols = 3 };
+
+constexpr int kStages = 2;
+// Elements of one operand's stage buffer: [64][32 + 8] or [32][64 + 8], the larger.
+constexpr int kStageElems = BM * (BK + kPad) > BK * (BM + kPad) ? BM * (BK + kPad)
+                                                                 : BK * (BM + kPad);
+
+// The tensor-core tile with operands copied by cp.async (16 bytes per copy) into a two-stage
+// ring, so that step s + 1's copies fly while step s computes, and fragments read by ldmatrix
+// (.trans for an operand whose unit stride is not the reduction). Each operand stage is
+// stored with its unit-stride dimension contiguous, rows padded by 8 elements (80 or 144
+// bytes: the 8 rows of an ldmatrix fall in distinct 16-byte bank groups). Requires, checked by
+// the launcher: 16-bit T, 16-byte aligned operands, and unit-stride extents and the other
+// strides multiples of 8, so that every copy is a whole in-bounds or a whole zero-filled pack.
+template <typename T, bool kAAlongI, bool kBAlongR>
+__device__ void gemm_tile_pipelined(const Tile<T>& t) {
+  static_assert(kSixteenBit<T>, "tensor-core path: 16-bit operands");
+  alignas(16) __shared__ T stage_a[kStages][kStageElems];
+  alignas(16) __shared__ T stage_b[kStages][kStageElems];
+  if constexpr (!SMOE_HAS_MMA) {
+    SMOE_DEVICE_CHECK(false, "smoe_ops.grouped_mm: the pipelined path needs sm_80 or newer\n");
+  }
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wm = warp / 2, wn = warp % 2;
+  // Element offsets in a stage: A (row i, reduction r), B (column n, reduction r).
+  auto a_at = [](int i, int r) { return kAAlongI ? r * (BM + kPad) + i : i * (BK + kPad) + r; };
+  auto b_at = [](int n, int r) { return kBAlongR ? n * (BK + kPad) + r : r * (BN + kPad) + n; };
+
+  // 256 packs of 8 elements per operand and step: two per thread each.
+  auto copy_step = [&](int stage, int64_t r0) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int c = tid + q * kThreads;
+      // A: along r, pack (i = c / 4, r = 8 (c % 4)); along i, pack (r = c / 8, i = 8 (c % 8)).
+      const int ai = kAAlongI ? 8 * (c % 8) : c / 4, ar = kAAlongI ? c / 8 : 8 * (c % 4);
+      const bool a_ok = ai < t.rows && r0 + ar < t.depth;
+      const T* a_src = a_ok ? t.a + ai * t.a_si + (r0 + ar) * t.a_sr : t.a;
+      cp_async_16(&stage_a[stage][a_at(ai, ar)], a_src, a_ok);
+      // B: along n, pack (r = c / 8, n = 8 (c % 8)); along r, pack (n = c / 4, r = 8 (c % 4)).
+      const int bn = kBAlongR ? c / 4 : 8 * (c % 8), br = kBAlongR ? 8 * (c % 4) : c / 8;
+      const bool b_ok = bn < t.cols && r0 + br < t.depth;
+      const T* b_src = b_ok ? t.b + (r0 + br) * t.b_sr + bn * t.b_sn : t.b;
+      cp_async_16(&stage_b[stage][b_at(bn, br)], b_src, b_ok);
+    }
+    cp_async_commit();
+  };
+
+  float acc[2][4][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.0f;
+
+  const int64_t steps = ceil_div(t.depth, BK);
+  if (steps > 0) copy_step(0, 0);
+  // ldmatrix: lane names row lane % 8 of matrix lane / 8 (matrix bit 0 and bit 1 pick the
+  // 8-row / 8-column halves of a 16 x 16 fragment, in mma's register order).
+  const int mat = lane / 8, mat_row = lane % 8;
+  for (int64_t step = 0; step < steps; ++step) {
+    const int stage = int(step % kStages);
+    if (step + 1 < steps) {
+      copy_step(int((step + 1) % kStages), (step + 1) * BK);
+      cp_async_wait<1>();  // this step's group has landed; the next one may fly
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // every thread's copies of this stage are visible
+    const T* sa = stage_a[stage];
+    const T* sb = stage_b[stage];
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 16) {
+      uint32_t afrag[2][4], bfrag[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        const int i0 = wm * 32 + mi * 16;
+        // a0..a3: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (8-15, 8-15).
+        if constexpr (kAAlongI) {
+          ldmatrix_x4<true>(afrag[mi],
+                            &sa[a_at(i0 + (mat & 1) * 8, ks + (mat >> 1) * 8 + mat_row)]);
+        } else {
+          ldmatrix_x4<false>(afrag[mi],
+                             &sa[a_at(i0 + (mat & 1) * 8 + mat_row, ks + (mat >> 1) * 8)]);
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        const int n0 = wn * 32 + nb * 16;
+        // Registers: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+        uint32_t r[4];
+        if constexpr (kBAlongR) {
+          ldmatrix_x4<false>(r, &sb[b_at(n0 + (mat >> 1) * 8 + mat_row, ks + (mat & 1) * 8)]);
+        } else {
+          ldmatrix_x4<true>(r, &sb[b_at(n0 + (mat >> 1) * 8, ks + (mat & 1) * 8 + mat_row)]);
+        }
+        bfrag[2 * nb][0] = r[0];
+        bfrag[2 * nb][1] = r[1];
+        bfrag[2 * nb + 1][0] = r[2];
+        bfrag[2 * nb + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma_16816<T>(acc[mi][ni], afrag[mi], bfrag[ni]);
+    }
+    __syncthreads();  // the stage is read before the copy two steps on overwrites it
+  }
+
+  const int group = lane / 4, pair = (lane % 4) * 2;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int i = wm * 32 + mi * 16 + group + (c >= 2 ? 8 : 0);
+        const int n = wn * 32 + ni * 8 + pair + (c & 1);
+        if (i < t.rows && n < t.cols) {
+          float v = acc[mi][ni][c];
+          if (t.bias != nullptr) v += to_acc(t.bias[n]);
+          t.c[i * t.c_si + n] = from_acc<T>(v);
+        }
+      }
+}
+
+// The tile with the loader the launcher chose.
+template <typename T, int kLayout>
+__device__ __forceinline__ void run_tile(const Tile<T>& t) {
+  if constexpr (kLayout == kGeneric || !kSixteenBit<T>) {
+    gemm_tile<T>(t);
+  } else {
+    gemm_tile_pipelined<T, kLayout == kAColsBCols, kLayout == kARowsBRows>(t);
+  }
+}
+
 // Checks offsets (offsets[0] = 0, non-decreasing, offsets[E] = N) and writes
 // tile_prefix[e] = sum over experts before e of ceil(rows / BM), tile_prefix[E] the total.
 // One thread: E is small next to the GEMM, and the check wants the serial order anyway.
@@ -217,7 +360,7 @@ __global__ void row_tiles_kernel(const int64_t* offsets, int64_t E, int64_t N,
   tile_prefix[E] = static_cast<int32_t>(tiles);
 }
 
-template <typename T>
+template <typename T, int kLayout>
 __global__ void __launch_bounds__(kThreads)
     grouped_rows_kernel(const T* a, const T* b, int64_t b_se, int64_t b_sk, int64_t b_sm,
                         const T* bias, const int64_t* offsets, const int32_t* tile_prefix,
@@ -251,10 +394,10 @@ __global__ void __launch_bounds__(kThreads)
   t.c = out + row0 * M + n0;
   t.c_si = M;
   t.bias = bias != nullptr ? bias + e * M + n0 : nullptr;
-  gemm_tile<T>(t);
+  run_tile<T, kLayout>(t);
 }
 
-template <typename T>
+template <typename T, int kLayout>
 __global__ void __launch_bounds__(kThreads)
     grad_w_kernel(const T* x, const T* grad_out, const int64_t* offsets, int64_t K, int64_t M,
                   int64_t tiles_m, int64_t tiles_per_expert, T* grad_w) {
@@ -274,7 +417,7 @@ __global__ void __launch_bounds__(kThreads)
   t.c = grad_w + e * K * M + i0 * M + n0;
   t.c_si = M;
   t.bias = nullptr;
-  gemm_tile<T>(t);
+  run_tile<T, kLayout>(t);
 }
 
 template <typename T>
@@ -288,6 +431,10 @@ __global__ void grad_bias_kernel(const T* grad_out, const int64_t* offsets, int6
   for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) acc += to_acc(grad_out[r * M + n]);
   grad_bias[e * M + n] = from_acc<T>(acc);
 }
+
+// The pipelined path's conditions: whole 8-element (16-byte) packs, 16-byte aligned bases.
+bool packs(int64_t elems) { return elems % 8 == 0; }
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
 
@@ -309,10 +456,23 @@ cudaError_t grouped_mm(DType dtype, const void* a, const void* b, int64_t b_se, 
     using T = decltype(tag);
     const dim3 grid(static_cast<unsigned>(ceil_div(N, BM) + E),
                     static_cast<unsigned>(ceil_div(M, BN)));
-    SMOE_LAUNCH(grid, kThreads, 0, stream, grouped_rows_kernel<T>)(
-        static_cast<const T*>(a), static_cast<const T*>(b), b_se, b_sk, b_sm,
-        static_cast<const T*>(bias), offsets, workspace, K, M, E, static_cast<T*>(out));
-    return cudaGetLastError();
+    auto launch = [&](auto layout) {
+      SMOE_LAUNCH(grid, kThreads, 0, stream, grouped_rows_kernel<T, decltype(layout)::value>)(
+          static_cast<const T*>(a), static_cast<const T*>(b), b_se, b_sk, b_sm,
+          static_cast<const T*>(bias), offsets, workspace, K, M, E, static_cast<T*>(out));
+      return cudaGetLastError();
+    };
+    if constexpr (kSixteenBit<T>) {
+      // a [N, K] is row-major; b's unit stride is along M (w) or along K (w^T).
+      const bool a_ok = packs(K) && aligned16(a) && packs(b_se) && aligned16(b);
+      if (a_ok && b_sm == 1 && packs(M) && packs(b_sk)) {
+        return launch(std::integral_constant<int, kARowsBCols>{});
+      }
+      if (a_ok && b_sk == 1 && packs(b_sm)) {
+        return launch(std::integral_constant<int, kARowsBRows>{});
+      }
+    }
+    return launch(std::integral_constant<int, kGeneric>{});
   });
 }
 
@@ -323,10 +483,20 @@ cudaError_t grouped_mm_grad_w(DType dtype, const void* x, const void* grad_out,
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t tiles_m = ceil_div(M, BN), tiles = ceil_div(K, BM) * tiles_m;
-    SMOE_LAUNCH(static_cast<unsigned>(E * tiles), kThreads, 0, stream, grad_w_kernel<T>)(
-        static_cast<const T*>(x), static_cast<const T*>(grad_out), offsets, K, M, tiles_m, tiles,
-        static_cast<T*>(grad_w));
-    return cudaGetLastError();
+    auto launch = [&](auto layout) {
+      SMOE_LAUNCH(static_cast<unsigned>(E * tiles), kThreads, 0, stream,
+                  grad_w_kernel<T, decltype(layout)::value>)(
+          static_cast<const T*>(x), static_cast<const T*>(grad_out), offsets, K, M, tiles_m,
+          tiles, static_cast<T*>(grad_w));
+      return cudaGetLastError();
+    };
+    if constexpr (kSixteenBit<T>) {
+      // x^T has its unit stride along K (the tile's rows), grad_out along M (its columns).
+      if (packs(K) && packs(M) && aligned16(x) && aligned16(grad_out)) {
+        return launch(std::integral_constant<int, kAColsBCols>{});
+      }
+    }
+    return launch(std::integral_constant<int, kGeneric>{});
   });
 }
 

@@ -108,7 +108,15 @@ struct ThreadIndex {
 const ThreadIndex& self();
 
 // Kinds of warp collective; the payload of each lane is up to kMaxWords 32-bit words.
-enum class Collective : int { kSyncWarp, kShuffleXor, kMatchAny, kMmaBf16, kMmaF16 };
+enum class Collective : int {
+  kSyncWarp,
+  kShuffleXor,
+  kMatchAny,
+  kMmaBf16,
+  kMmaF16,
+  kLdMatrix,
+  kLdMatrixTrans
+};
 constexpr int kMaxWords = 12;
 // Blocks until the lanes in `mask` meet; returns this lane's result words in `out`.
 void warp_collective(Collective kind, unsigned mask, const uint32_t* in, uint32_t* out);
@@ -174,6 +182,19 @@ unsigned match_any(unsigned mask, T value) {
 
 // d += a @ b for one m16n8k16 tile, fragments in the PTX ISA layout (bf16 or f16 inputs).
 void mma_m16n8k16(bool bf16, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane l names row l % 8 of matrix l / 8
+// (16 bytes, 16-byte aligned); register i of lane l gets matrix i's elements (l / 4,
+// 2 (l % 4) + {0, 1}), or with trans (2 (l % 4) + {0, 1}, l / 4).
+void ldmatrix_x4(bool trans, uint32_t (&r)[4], const void* row);
+
+// cp.async.cg.shared.global of 16 bytes (zeros when !valid), deferred: the destination holds
+// NaN from the issue until the thread's cp.async.wait_group lets its group complete, so both
+// a read before the wait and an overwrite while other threads still read show up. Both
+// addresses must be 16-byte aligned.
+void cp_async_16(void* shared, const void* global, bool valid);
+void cp_async_commit();
+void cp_async_wait(int pending_groups);
 
 }  // namespace emu
 }  // namespace smoe

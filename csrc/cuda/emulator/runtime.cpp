@@ -31,6 +31,14 @@ struct Fiber {
   ThreadIndex index;
   int tid = 0, lane = 0, warp = 0;
   uint64_t priority = 0;  // the scheduler's preference (see run_grid)
+  // cp.async copies not yet landed: (destination, 16 bytes or valid = false), by group; the
+  // last group is the open one (not yet committed).
+  struct Copy {
+    void* to;
+    unsigned char bytes[16];
+    bool valid;
+  };
+  std::vector<std::vector<Copy>> copy_groups;
   State state = State::kDone;
   bool at_barrier = false;
 };
@@ -138,6 +146,10 @@ const char* collective_name(Collective kind) {
       return "mma.sync.m16n8k16.bf16";
     case Collective::kMmaF16:
       return "mma.sync.m16n8k16.f16";
+    case Collective::kLdMatrix:
+      return "ldmatrix.x4";
+    case Collective::kLdMatrixTrans:
+      return "ldmatrix.x4.trans";
   }
   return "?";
 }
@@ -195,6 +207,26 @@ void mma_fire(std::array<LaneSlot, kWarp>& slots, bool bf16) {
       float acc = C[row][col];
       for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
       std::memcpy(&slots[lane].out[i], &acc, sizeof(float));
+    }
+  }
+}
+
+// Each lane's word 0-1 is the address of a 16-byte row: lanes 8 i .. 8 i + 7 give the rows of
+// matrix i. Out word i of lane l: matrix i's elements (l / 4, 2 (l % 4) + {0, 1}), low half
+// first, or with trans (2 (l % 4) + {0, 1}, l / 4).
+void ldmatrix_fire(std::array<LaneSlot, kWarp>& slots, bool trans) {
+  uint16_t m[4][8][8];
+  for (int lane = 0; lane < kWarp; ++lane) {
+    uint64_t address;
+    std::memcpy(&address, slots[lane].in, sizeof(address));
+    std::memcpy(m[lane / 8][lane % 8], reinterpret_cast<const void*>(address), 16);
+  }
+  for (int lane = 0; lane < kWarp; ++lane) {
+    const int row = lane / 4, col = 2 * (lane % 4);
+    for (int i = 0; i < 4; ++i) {
+      const uint16_t lo = trans ? m[i][col][row] : m[i][row][col];
+      const uint16_t hi = trans ? m[i][col + 1][row] : m[i][row][col + 1];
+      slots[lane].out[i] = uint32_t(lo) | (uint32_t(hi) << 16);
     }
   }
 }
@@ -257,6 +289,11 @@ void try_fire(int warp, Collective kind, unsigned mask) {
     case Collective::kMmaF16:
       if (mask != 0xffffffffu) fail(where() + ": mma.sync needs all 32 lanes");
       mma_fire(slots, kind == Collective::kMmaBf16);
+      break;
+    case Collective::kLdMatrix:
+    case Collective::kLdMatrixTrans:
+      if (mask != 0xffffffffu) fail(where() + ": ldmatrix needs all 32 lanes");
+      ldmatrix_fire(slots, kind == Collective::kLdMatrixTrans);
       break;
   }
   for (int lane = 0; lane < kWarp; ++lane) {
@@ -344,6 +381,57 @@ void mma_m16n8k16(bool bf16, float (&d)[4], const uint32_t (&a)[4], const uint32
   std::memcpy(d, out, sizeof(d));
 }
 
+void ldmatrix_x4(bool trans, uint32_t (&r)[4], const void* row) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+    fail(where() + ": ldmatrix row address is not 16-byte aligned");
+  }
+  uint32_t in[kMaxWords] = {}, out[kMaxWords] = {};
+  const uint64_t address = reinterpret_cast<uintptr_t>(row);
+  std::memcpy(in, &address, sizeof(address));
+  warp_collective(trans ? Collective::kLdMatrixTrans : Collective::kLdMatrix, 0xffffffffu, in,
+                  out);
+  std::memcpy(r, out, sizeof(r));
+}
+
+void cp_async_16(void* shared, const void* global, bool valid) {
+  if (reinterpret_cast<uintptr_t>(shared) % 16 != 0 ||
+      (valid && reinterpret_cast<uintptr_t>(global) % 16 != 0)) {
+    fail(where() + ": cp.async of 16 bytes needs 16-byte aligned addresses");
+  }
+  Fiber& f = *g_grid->current;
+  if (f.copy_groups.empty()) f.copy_groups.emplace_back();
+  Fiber::Copy copy{shared, {}, valid};
+  // The source is read at the copy (the kernels never write a source they copy from). The
+  // destination is poisoned (all ones: NaN in every float type) until the copy lands: a read
+  // of it before the wait, or by a thread still using the old contents, sees NaN.
+  if (valid) std::memcpy(copy.bytes, global, 16);
+  std::memset(shared, 0xff, 16);
+  f.copy_groups.back().push_back(copy);
+}
+
+void cp_async_commit() {
+  Fiber& f = *g_grid->current;
+  if (f.copy_groups.empty()) f.copy_groups.emplace_back();
+  f.copy_groups.emplace_back();  // the next open group
+}
+
+void cp_async_wait(int pending_groups) {
+  Fiber& f = *g_grid->current;
+  // Committed groups are all but the last (open) one; keep the newest `pending_groups`.
+  const int committed = f.copy_groups.empty() ? 0 : int(f.copy_groups.size()) - 1;
+  const int land = committed - pending_groups;
+  for (int g = 0; g < land; ++g) {
+    for (const Fiber::Copy& copy : f.copy_groups[g]) {
+      if (copy.valid) {
+        std::memcpy(copy.to, copy.bytes, 16);
+      } else {
+        std::memset(copy.to, 0, 16);
+      }
+    }
+  }
+  if (land > 0) f.copy_groups.erase(f.copy_groups.begin(), f.copy_groups.begin() + land);
+}
+
 std::string last_error_message() { return g_last_message; }
 
 void run_grid(const LaunchConfig& config, const char* kernel_name,
@@ -380,6 +468,7 @@ void run_grid(const LaunchConfig& config, const char* kernel_name,
           f.warp = tid / kWarp;
           f.priority = (warp_priority[f.warp] << 32) | (rng() >> 32);
           f.at_barrier = false;
+          f.copy_groups.clear();
           getcontext(&f.context);
           f.context.uc_stack.ss_sp = g_stacks[tid]->base;
           f.context.uc_stack.ss_size = kStackBytes;
