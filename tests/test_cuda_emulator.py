@@ -222,13 +222,15 @@ def offsets_of(counts):
 
 # 16-bit types take the pipelined path (cp.async, ldmatrix) where K and M are multiples of 8,
 # the register-staged one elsewhere (K = 33); K = 136 and 100 rows run the two-stage ring
-# through several steps, in the forward pass and in grad_w's reduction.
+# through several steps, in the forward pass and in grad_w's reduction; the last case takes
+# the 128 x 128 tiles in all three products.
 GROUPS = [
     ([5], 16, 8),  # E = 1
     ([0, 70, 3, 0, 1, 0, 20], 40, 72),  # empty experts, K and M off the tile sizes
     ([0, 0, 130], 33, 65),  # all rows on one expert, three row tiles
     ([16, 16], 0, 8),  # K = 0: zeros (plus bias)
     ([0, 100, 37], 136, 80),
+    ([150, 130], 136, 136),  # >= 128 rows per expert, >= 128 columns: 128 x 128 tiles
 ]
 
 

@@ -202,56 +202,77 @@ __device__ void gemm_tile(const Tile<T>& t) {
 // stride along K). kGeneric: the register-staged gemm_tile, any strides.
 enum Layout : int { kGeneric = 0, kARowsBCols = 1, kARowsBRows = 2, kAColsBCols = 3 };
 
+// Block tiles: rows x columns of the output, warps as a grid, threads. The register-staged
+// tile is always Small; the pipelined one is Large for big problems (see the launchers).
+template <int kRows, int kCols, int kWarpRows, int kWarpCols>
+struct TileShape {
+  static constexpr int BM = kRows, BN = kCols, kWarpsM = kWarpRows, kWarpsN = kWarpCols;
+  static constexpr int kThreads = 32 * kWarpRows * kWarpCols;
+  static constexpr int MI = kRows / kWarpRows / 16, NI = kCols / kWarpCols / 8;  // mma tiles
+};
+using SmallTile = TileShape<BM, BN, 2, 2>;  // a warp: 32 x 32
+using LargeTile = TileShape<128, 128, 2, 4>;  // a warp: 64 x 32
+
 constexpr int kStages = 2;
-// Elements of one operand's stage buffer: [64][32 + 8] or [32][64 + 8], the larger.
-constexpr int kStageElems = BM * (BK + kPad) > BK * (BM + kPad) ? BM * (BK + kPad)
-                                                                 : BK * (BM + kPad);
 
 // The tensor-core tile with operands copied by cp.async (16 bytes per copy) into a two-stage
 // ring, so that step s + 1's copies fly while step s computes, and fragments read by ldmatrix
 // (.trans for an operand whose unit stride is not the reduction). Each operand stage is
-// stored with its unit-stride dimension contiguous, rows padded by 8 elements (80 or 144
+// stored with its unit-stride dimension contiguous, rows padded by 8 elements (80, 144 or 272
 // bytes: the 8 rows of an ldmatrix fall in distinct 16-byte bank groups). Requires, checked by
 // the launcher: 16-bit T, 16-byte aligned operands, and unit-stride extents and the other
 // strides multiples of 8, so that every copy is a whole in-bounds or a whole zero-filled pack.
-template <typename T, bool kAAlongI, bool kBAlongR>
+template <typename T, bool kAAlongI, bool kBAlongR, typename Shape>
 __device__ void gemm_tile_pipelined(const Tile<T>& t) {
   static_assert(kSixteenBit<T>, "tensor-core path: 16-bit operands");
-  alignas(16) __shared__ T stage_a[kStages][kStageElems];
-  alignas(16) __shared__ T stage_b[kStages][kStageElems];
+  constexpr int TM = Shape::BM, TN = Shape::BN, kThreadsHere = Shape::kThreads;
+  constexpr int MI = Shape::MI, NI = Shape::NI;
+  static_assert(NI % 2 == 0, "B fragments come in pairs of 8-column tiles");
+  // One operand's stage: [rows][32 + 8] or [32][rows + 8], whichever way it is stored.
+  constexpr int kAElems = TM * (BK + kPad) > BK * (TM + kPad) ? TM * (BK + kPad)
+                                                               : BK * (TM + kPad);
+  constexpr int kBElems = TN * (BK + kPad) > BK * (TN + kPad) ? TN * (BK + kPad)
+                                                               : BK * (TN + kPad);
+  alignas(16) __shared__ T stage_a[kStages][kAElems];
+  alignas(16) __shared__ T stage_b[kStages][kBElems];
   if constexpr (!SMOE_HAS_MMA) {
     SMOE_DEVICE_CHECK(false, "smoe_ops.grouped_mm: the pipelined path needs sm_80 or newer\n");
   }
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int wm = warp / 2, wn = warp % 2;
+  const int wm = warp / Shape::kWarpsN, wn = warp % Shape::kWarpsN;
   // Element offsets in a stage: A (row i, reduction r), B (column n, reduction r).
-  auto a_at = [](int i, int r) { return kAAlongI ? r * (BM + kPad) + i : i * (BK + kPad) + r; };
-  auto b_at = [](int n, int r) { return kBAlongR ? n * (BK + kPad) + r : r * (BN + kPad) + n; };
+  auto a_at = [](int i, int r) { return kAAlongI ? r * (TM + kPad) + i : i * (BK + kPad) + r; };
+  auto b_at = [](int n, int r) { return kBAlongR ? n * (BK + kPad) + r : r * (TN + kPad) + n; };
 
-  // 256 packs of 8 elements per operand and step: two per thread each.
+  // Packs of 8 elements: TM * BK / 8 for A and TN * BK / 8 for B per step.
   auto copy_step = [&](int stage, int64_t r0) {
+    constexpr int kPacksR = BK / 8;
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int c = tid + q * kThreads;
-      // A: along r, pack (i = c / 4, r = 8 (c % 4)); along i, pack (r = c / 8, i = 8 (c % 8)).
-      const int ai = kAAlongI ? 8 * (c % 8) : c / 4, ar = kAAlongI ? c / 8 : 8 * (c % 4);
-      const bool a_ok = ai < t.rows && r0 + ar < t.depth;
-      const T* a_src = a_ok ? t.a + ai * t.a_si + (r0 + ar) * t.a_sr : t.a;
-      cp_async_16(&stage_a[stage][a_at(ai, ar)], a_src, a_ok);
-      // B: along n, pack (r = c / 8, n = 8 (c % 8)); along r, pack (n = c / 4, r = 8 (c % 4)).
-      const int bn = kBAlongR ? c / 4 : 8 * (c % 8), br = kBAlongR ? 8 * (c % 4) : c / 8;
-      const bool b_ok = bn < t.cols && r0 + br < t.depth;
-      const T* b_src = b_ok ? t.b + (r0 + br) * t.b_sr + bn * t.b_sn : t.b;
-      cp_async_16(&stage_b[stage][b_at(bn, br)], b_src, b_ok);
+    for (int c = tid; c < TM * BK / 8; c += kThreadsHere) {
+      // Along r: pack (i = c / 4, r = 8 (c % 4)); along i: pack (r = c / (TM / 8), i = 8 (..)).
+      const int ai = kAAlongI ? 8 * (c % (TM / 8)) : c / kPacksR;
+      const int ar = kAAlongI ? c / (TM / 8) : 8 * (c % kPacksR);
+      const bool ok = ai < t.rows && r0 + ar < t.depth;
+      const T* src = ok ? t.a + ai * t.a_si + (r0 + ar) * t.a_sr : t.a;
+      cp_async_16(&stage_a[stage][a_at(ai, ar)], src, ok);
+    }
+#pragma unroll
+    for (int c = tid; c < TN * BK / 8; c += kThreadsHere) {
+      // Along n: pack (r = c / (TN / 8), n = 8 (..)); along r: pack (n = c / 4, r = 8 (c % 4)).
+      const int bn = kBAlongR ? c / kPacksR : 8 * (c % (TN / 8));
+      const int br = kBAlongR ? 8 * (c % kPacksR) : c / (TN / 8);
+      const bool ok = bn < t.cols && r0 + br < t.depth;
+      const T* src = ok ? t.b + (r0 + br) * t.b_sr + bn * t.b_sn : t.b;
+      cp_async_16(&stage_b[stage][b_at(bn, br)], src, ok);
     }
     cp_async_commit();
   };
 
-  float acc[2][4][4];
+  float acc[MI][NI][4];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
+    for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.0f;
 
@@ -273,10 +294,10 @@ __device__ void gemm_tile_pipelined(const Tile<T>& t) {
     const T* sb = stage_b[stage];
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 16) {
-      uint32_t afrag[2][4], bfrag[4][2];
+      uint32_t afrag[MI][4], bfrag[NI][2];
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        const int i0 = wm * 32 + mi * 16;
+      for (int mi = 0; mi < MI; ++mi) {
+        const int i0 = wm * (TM / Shape::kWarpsM) + mi * 16;
         // a0..a3: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (8-15, 8-15).
         if constexpr (kAAlongI) {
           ldmatrix_x4<true>(afrag[mi],
@@ -287,8 +308,8 @@ __device__ void gemm_tile_pipelined(const Tile<T>& t) {
         }
       }
 #pragma unroll
-      for (int nb = 0; nb < 2; ++nb) {
-        const int n0 = wn * 32 + nb * 16;
+      for (int nb = 0; nb < NI / 2; ++nb) {
+        const int n0 = wn * (TN / Shape::kWarpsN) + nb * 16;
         // Registers: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
         uint32_t r[4];
         if constexpr (kBAlongR) {
@@ -302,22 +323,22 @@ __device__ void gemm_tile_pipelined(const Tile<T>& t) {
         bfrag[2 * nb + 1][1] = r[3];
       }
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) mma_16816<T>(acc[mi][ni], afrag[mi], bfrag[ni]);
+        for (int ni = 0; ni < NI; ++ni) mma_16816<T>(acc[mi][ni], afrag[mi], bfrag[ni]);
     }
     __syncthreads();  // the stage is read before the copy two steps on overwrites it
   }
 
   const int group = lane / 4, pair = (lane % 4) * 2;
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
+    for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int i = wm * 32 + mi * 16 + group + (c >= 2 ? 8 : 0);
-        const int n = wn * 32 + ni * 8 + pair + (c & 1);
+        const int i = wm * (TM / Shape::kWarpsM) + mi * 16 + group + (c >= 2 ? 8 : 0);
+        const int n = wn * (TN / Shape::kWarpsN) + ni * 8 + pair + (c & 1);
         if (i < t.rows && n < t.cols) {
           float v = acc[mi][ni][c];
           if (t.bias != nullptr) v += to_acc(t.bias[n]);
@@ -326,20 +347,21 @@ __device__ void gemm_tile_pipelined(const Tile<T>& t) {
       }
 }
 
-// The tile with the loader the launcher chose.
-template <typename T, int kLayout>
+// The tile with the loader and shape the launcher chose (kGeneric: SmallTile only).
+template <typename T, int kLayout, typename Shape>
 __device__ __forceinline__ void run_tile(const Tile<T>& t) {
   if constexpr (kLayout == kGeneric || !kSixteenBit<T>) {
+    static_assert(std::is_same_v<Shape, SmallTile>, "the register-staged tile is 64 x 64");
     gemm_tile<T>(t);
   } else {
-    gemm_tile_pipelined<T, kLayout == kAColsBCols, kLayout == kARowsBRows>(t);
+    gemm_tile_pipelined<T, kLayout == kAColsBCols, kLayout == kARowsBRows, Shape>(t);
   }
 }
 
 // Checks offsets (offsets[0] = 0, non-decreasing, offsets[E] = N) and writes
-// tile_prefix[e] = sum over experts before e of ceil(rows / BM), tile_prefix[E] the total.
-// One thread: E is small next to the GEMM, and the check wants the serial order anyway.
-__global__ void row_tiles_kernel(const int64_t* offsets, int64_t E, int64_t N,
+// tile_prefix[e] = sum over experts before e of ceil(rows / tile_rows), tile_prefix[E] the
+// total. One thread: E is small next to the GEMM, and the check wants the serial order anyway.
+__global__ void row_tiles_kernel(const int64_t* offsets, int64_t E, int64_t N, int64_t tile_rows,
                                  int32_t* tile_prefix) {
   if (threadIdx.x != 0) return;
   SMOE_DEVICE_CHECK(offsets[0] == 0, "smoe_ops.grouped_mm: offsets[0] must be 0, got %lld\n",
@@ -352,7 +374,7 @@ __global__ void row_tiles_kernel(const int64_t* offsets, int64_t E, int64_t N,
                       "%lld < offsets[%lld] = %lld\n",
                       (long long)(e + 1), (long long)end, (long long)e, (long long)begin);
     tile_prefix[e] = static_cast<int32_t>(tiles);
-    tiles += (end - begin + BM - 1) / BM;
+    tiles += (end - begin + tile_rows - 1) / tile_rows;
   }
   SMOE_DEVICE_CHECK(offsets[E] == N,
                     "smoe_ops.grouped_mm: offsets[%lld] must equal x.shape[0] (%lld), got %lld\n",
@@ -360,8 +382,8 @@ __global__ void row_tiles_kernel(const int64_t* offsets, int64_t E, int64_t N,
   tile_prefix[E] = static_cast<int32_t>(tiles);
 }
 
-template <typename T, int kLayout>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int kLayout, typename Shape>
+__global__ void __launch_bounds__(Shape::kThreads)
     grouped_rows_kernel(const T* a, const T* b, int64_t b_se, int64_t b_sk, int64_t b_sm,
                         const T* bias, const int64_t* offsets, const int32_t* tile_prefix,
                         int64_t K, int64_t M, int64_t E, T* out) {
@@ -378,9 +400,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   const int64_t e = lo;
-  const int64_t row0 = offsets[e] + int64_t(item - tile_prefix[e]) * BM;
+  constexpr int TM = Shape::BM, TN = Shape::BN;
+  const int64_t row0 = offsets[e] + int64_t(item - tile_prefix[e]) * TM;
   const int64_t row_end = offsets[e + 1];
-  const int64_t n0 = int64_t(blockIdx.y) * BN;
+  const int64_t n0 = int64_t(blockIdx.y) * TN;
   Tile<T> t;
   t.a = a + row0 * K;
   t.a_si = K;
@@ -388,21 +411,22 @@ __global__ void __launch_bounds__(kThreads)
   t.b = b + e * b_se + n0 * b_sm;
   t.b_sr = b_sk;
   t.b_sn = b_sm;
-  t.rows = row_end - row0 < BM ? row_end - row0 : BM;
-  t.cols = M - n0 < BN ? M - n0 : BN;
+  t.rows = row_end - row0 < TM ? row_end - row0 : TM;
+  t.cols = M - n0 < TN ? M - n0 : TN;
   t.depth = K;
   t.c = out + row0 * M + n0;
   t.c_si = M;
   t.bias = bias != nullptr ? bias + e * M + n0 : nullptr;
-  run_tile<T, kLayout>(t);
+  run_tile<T, kLayout, Shape>(t);
 }
 
-template <typename T, int kLayout>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int kLayout, typename Shape>
+__global__ void __launch_bounds__(Shape::kThreads)
     grad_w_kernel(const T* x, const T* grad_out, const int64_t* offsets, int64_t K, int64_t M,
                   int64_t tiles_m, int64_t tiles_per_expert, T* grad_w) {
+  constexpr int TM = Shape::BM, TN = Shape::BN;
   const int64_t e = blockIdx.x / tiles_per_expert, tile = blockIdx.x % tiles_per_expert;
-  const int64_t i0 = (tile / tiles_m) * BM, n0 = (tile % tiles_m) * BN;
+  const int64_t i0 = (tile / tiles_m) * TM, n0 = (tile % tiles_m) * TN;
   const int64_t begin = offsets[e], end = offsets[e + 1];
   Tile<T> t;
   t.a = x + begin * K + i0;  // a[i, r] = x[begin + r, i0 + i]
@@ -411,13 +435,13 @@ __global__ void __launch_bounds__(kThreads)
   t.b = grad_out + begin * M + n0;  // b[r, n] = grad_out[begin + r, n0 + n]
   t.b_sr = M;
   t.b_sn = 1;
-  t.rows = K - i0 < BM ? K - i0 : BM;
-  t.cols = M - n0 < BN ? M - n0 : BN;
+  t.rows = K - i0 < TM ? K - i0 : TM;
+  t.cols = M - n0 < TN ? M - n0 : TN;
   t.depth = end - begin;
   t.c = grad_w + e * K * M + i0 * M + n0;
   t.c_si = M;
   t.bias = nullptr;
-  run_tile<T, kLayout>(t);
+  run_tile<T, kLayout, Shape>(t);
 }
 
 template <typename T>
@@ -442,37 +466,52 @@ int64_t grouped_mm_workspace_elems(int64_t E) { return E + 1; }
 
 cudaError_t grouped_mm_check_offsets(const int64_t* offsets, int64_t N, int64_t E,
                                      int32_t* workspace, cudaStream_t stream) {
-  SMOE_LAUNCH(1, 32, 0, stream, row_tiles_kernel)(offsets, E, N, workspace);
+  SMOE_LAUNCH(1, 32, 0, stream, row_tiles_kernel)(offsets, E, N, BM, workspace);
   return cudaGetLastError();
+}
+
+// Large tiles (128 x 128, 8 warps) for the pipelined path when the problem fills them: an
+// average of at least 128 rows per expert and at least 128 columns (twice the work per byte
+// staged of a 64 x 64 tile: BM BN / (BM + BN) = 64 against 32); small ones otherwise, where a
+// 128-row tile would be mostly padding. TODO: the threshold is a guess until gpu_check.sh measures both on a GPU.
+bool large_tiles(int64_t rows, int64_t groups, int64_t cols) {
+  return rows >= int64_t(LargeTile::BM) * groups && cols >= LargeTile::BN;
 }
 
 cudaError_t grouped_mm(DType dtype, const void* a, const void* b, int64_t b_se, int64_t b_sk,
                        int64_t b_sm, const void* bias, const int64_t* offsets, int64_t N,
                        int64_t K, int64_t M, int64_t E, int32_t* workspace, void* out,
                        cudaStream_t stream) {
-  cudaError_t err = grouped_mm_check_offsets(offsets, N, E, workspace, stream);
-  if (err != cudaSuccess) return err;
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    const dim3 grid(static_cast<unsigned>(ceil_div(N, BM) + E),
-                    static_cast<unsigned>(ceil_div(M, BN)));
-    auto launch = [&](auto layout) {
-      SMOE_LAUNCH(grid, kThreads, 0, stream, grouped_rows_kernel<T, decltype(layout)::value>)(
+    auto launch = [&](auto layout, auto shape) -> cudaError_t {
+      using Shape = decltype(shape);
+      // The offsets check, and the row-tile prefix for this tile height.
+      SMOE_LAUNCH(1, 32, 0, stream, row_tiles_kernel)(offsets, E, N, Shape::BM, workspace);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+      const dim3 grid(static_cast<unsigned>(ceil_div(N, Shape::BM) + E),
+                      static_cast<unsigned>(ceil_div(M, Shape::BN)));
+      SMOE_LAUNCH(grid, Shape::kThreads, 0, stream,
+                  grouped_rows_kernel<T, decltype(layout)::value, Shape>)(
           static_cast<const T*>(a), static_cast<const T*>(b), b_se, b_sk, b_sm,
           static_cast<const T*>(bias), offsets, workspace, K, M, E, static_cast<T*>(out));
       return cudaGetLastError();
     };
     if constexpr (kSixteenBit<T>) {
+      auto pipelined = [&](auto layout) {
+        return large_tiles(N, E, M) ? launch(layout, LargeTile{}) : launch(layout, SmallTile{});
+      };
       // a [N, K] is row-major; b's unit stride is along M (w) or along K (w^T).
       const bool a_ok = packs(K) && aligned16(a) && packs(b_se) && aligned16(b);
       if (a_ok && b_sm == 1 && packs(M) && packs(b_sk)) {
-        return launch(std::integral_constant<int, kARowsBCols>{});
+        return pipelined(std::integral_constant<int, kARowsBCols>{});
       }
       if (a_ok && b_sk == 1 && packs(b_sm)) {
-        return launch(std::integral_constant<int, kARowsBRows>{});
+        return pipelined(std::integral_constant<int, kARowsBRows>{});
       }
     }
-    return launch(std::integral_constant<int, kGeneric>{});
+    return launch(std::integral_constant<int, kGeneric>{}, SmallTile{});
   });
 }
 
@@ -480,12 +519,14 @@ cudaError_t grouped_mm_grad_w(DType dtype, const void* x, const void* grad_out,
                               const int64_t* offsets, int64_t N, int64_t K, int64_t M, int64_t E,
                               void* grad_w, cudaStream_t stream) {
   (void)N;
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    const int64_t tiles_m = ceil_div(M, BN), tiles = ceil_div(K, BM) * tiles_m;
-    auto launch = [&](auto layout) {
-      SMOE_LAUNCH(static_cast<unsigned>(E * tiles), kThreads, 0, stream,
-                  grad_w_kernel<T, decltype(layout)::value>)(
+    auto launch = [&](auto layout, auto shape) -> cudaError_t {
+      using Shape = decltype(shape);
+      const int64_t tiles_m = ceil_div(M, Shape::BN);
+      const int64_t tiles = ceil_div(K, Shape::BM) * tiles_m;
+      SMOE_LAUNCH(static_cast<unsigned>(E * tiles), Shape::kThreads, 0, stream,
+                  grad_w_kernel<T, decltype(layout)::value, Shape>)(
           static_cast<const T*>(x), static_cast<const T*>(grad_out), offsets, K, M, tiles_m,
           tiles, static_cast<T*>(grad_w));
       return cudaGetLastError();
@@ -493,10 +534,11 @@ cudaError_t grouped_mm_grad_w(DType dtype, const void* x, const void* grad_out,
     if constexpr (kSixteenBit<T>) {
       // x^T has its unit stride along K (the tile's rows), grad_out along M (its columns).
       if (packs(K) && packs(M) && aligned16(x) && aligned16(grad_out)) {
-        return launch(std::integral_constant<int, kAColsBCols>{});
+        constexpr auto layout = std::integral_constant<int, kAColsBCols>{};
+        return large_tiles(K, 1, M) ? launch(layout, LargeTile{}) : launch(layout, SmallTile{});
       }
     }
-    return launch(std::integral_constant<int, kGeneric>{});
+    return launch(std::integral_constant<int, kGeneric>{}, SmallTile{});
   });
 }
 
