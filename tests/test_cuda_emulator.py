@@ -13,6 +13,8 @@ between blocks, alignment faults, the real hardware's mma rounding.
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -349,3 +351,30 @@ def test_the_emulator_schedule_exposes_a_missing_barrier(emu):
     seen = [with_seed(s, lambda: emu.emulator_selftest("publish_without_barrier"))
             for s in range(5)]
     assert any(bool((out != 7).any()) for out in seen)
+
+
+# ---- memory: AddressSanitizer over the whole file ------------------------------------------
+
+def test_the_kernels_pass_address_sanitizer():
+    """Every test above again, with the emulator built under AddressSanitizer (the stand-in
+    for compute-sanitizer's memcheck): no kernel reads or writes outside its tensors."""
+    from tests import cuda_emulator
+
+    if cuda_emulator.sanitizer() is not None:
+        pytest.skip("already running under the sanitizer")
+    # The runtime first; libstdc++ with it, so that its C++ exception interceptor finds the
+    # real __cxa_throw (python itself does not link libstdc++).
+    preload = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True,
+                              text=True).stdout.strip() for lib in ("libasan.so", "libstdc++.so")]
+    if not all(os.path.isabs(lib) for lib in preload):
+        pytest.skip("no AddressSanitizer runtime (libasan) for gcc here")
+    env = dict(os.environ, SMOE_CUDA_EMULATOR_SANITIZE="address", LD_PRELOAD=" ".join(preload),
+               ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0:"
+                            "alloc_dealloc_mismatch=0")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", os.path.abspath(__file__), "-k",
+         "not address_sanitizer"], capture_output=True, text=True, env=env, timeout=1500,
+        cwd=cuda_emulator.ROOT)
+    output = done.stdout[-4000:] + done.stderr[-4000:]
+    assert "ERROR: AddressSanitizer" not in output, output
+    assert done.returncode == 0, output
