@@ -15,6 +15,7 @@ from smoe_ops.reward.personalization import (
     all_expert_margins,
     personalize,
     personalize_batch,
+    personalized_probability,
     population_logits,
     shift_report,
     update,
@@ -164,6 +165,29 @@ def test_user_level_population_is_the_mean_user_routing():
     logits = population_logits(model, torch.randn(2, 4))
     expected = torch.softmax(model.user_logits.detach(), 1).mean(0).log()
     torch.testing.assert_close(logits, expected.expand(2, -1))
+
+
+def test_user_level_population_scores_the_whole_prior_mixture():
+    """A user-level model routes every context on one prior over the user types: with no
+    profile it mixes all K experts under that prior (its top k would keep k arbitrary
+    types); a profile routes the top k."""
+    model = SparseMoERewardModel(5, 6, num_experts=3, k=1, num_users=10, seed=0)
+    with torch.no_grad():
+        model.user_logits.copy_(torch.randn(10, 3, generator=torch.Generator().manual_seed(1)))
+    assert model.population_k == 3
+    data = pairs(7)
+    prior = torch.softmax(model.user_logits.detach(), 1).mean(0).double()
+    heads = model.head_weights().detach().double()
+    rewards = data.chosen.double() @ heads.T + model.expert_bias.detach().double()
+    torch.testing.assert_close(model.reward(data.context, data.chosen).double(),
+                               rewards @ prior, atol=1e-5, rtol=1e-5)
+    margins = (data.chosen.double() - data.rejected.double()) @ heads.T
+    torch.testing.assert_close(personalized_probability(model, data),
+                               torch.sigmoid(margins) @ prior, atol=1e-6, rtol=1e-6)
+    top = int(prior.argmax())
+    torch.testing.assert_close(
+        model.reward(data.context, data.chosen, profile=UserProfile(torch.zeros(3))).double(),
+        rewards[:, top], atol=1e-5, rtol=1e-5)
 
 
 def test_profile_save_load_round_trip(tmp_path):

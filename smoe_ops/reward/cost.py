@@ -90,13 +90,14 @@ def scoring_cost(model, batch: int, profile: Optional[UserProfile] = None,
     router_seconds = median_seconds(lambda: model.population_logits(context), repeats,
                                     block_seconds)
     logits = model.population_logits(context)
+    k = model.population_k  # what model.reward routes on
     if profile is not None:
-        logits = profile.routing_logits(logits)
+        logits, k = profile.routing_logits(logits), model.k
     logits = logits.contiguous()
     score = model.config["score"]
-    routing_seconds = median_seconds(lambda: smoe_ops.route(logits, model.k, score=score),
+    routing_seconds = median_seconds(lambda: smoe_ops.route(logits, k, score=score),
                                      repeats, block_seconds)
-    routing = smoe_ops.route(logits, model.k, score=score)
+    routing = smoe_ops.route(logits, k, score=score)
     expert_seconds = median_seconds(
         lambda: (routing.weights * model.expert_rewards(response, routing)).sum(1),
         repeats, block_seconds)

@@ -292,28 +292,36 @@ class SparseMoERewardModel(nn.Module):
         context (fitted by `fit_router_prior` to the training users' routing).
         """
         if self.config["num_users"] is not None and not self.config.get("router_prior"):
-            # TODO: score a new user with no labels on the whole prior mixture (k = K) once
-            # scoring can take a per-call k: top-k of a flat prior keeps k arbitrary types
-            # (two opposite ones in docs/personalization.md: 12 points under the single head).
             prior = torch.softmax(self.user_logits, dim=1).mean(0)
             return prior.clamp_min(1e-30).log().expand(context.shape[0], -1)
         return self.router(context)
 
+    @property
+    def population_k(self) -> int:
+        """Experts mixed on the population routing (no user profile): k, except for a model
+        built with num_users and no router prior, whose population routing is one prior over
+        the user types for every context. Its top k would keep k arbitrary, possibly opposite
+        types; a user with no labels is scored on the whole prior mixture instead (all K)."""
+        if self.config["num_users"] is not None and not self.config.get("router_prior"):
+            return self.num_experts
+        return self.k
+
     def reward(self, context: torch.Tensor, response: torch.Tensor,
                profile=None) -> torch.Tensor:
         """[B] reward sum_j g_j r_{ids_j}(response) for [B, Dc] contexts and [B, Dr]
-        responses, routed on the population logits, or with a `UserProfile`
-        (`smoe_ops.reward.personalization`) on that user's logits: still the top k experts,
-        so a personalized pair costs what a population pair does."""
+        responses, routed on the population logits (`population_k` experts), or with a
+        `UserProfile` (`smoe_ops.reward.personalization`) on that user's logits: the top k
+        experts, so a personalized pair costs what a context-routed pair does."""
         if context.shape[0] != response.shape[0]:
             raise ValueError(
                 f"reward: context has {context.shape[0]} rows but response has "
                 f"{response.shape[0]}; expected one response per context"
             )
         logits = self.population_logits(context)
+        k = self.population_k
         if profile is not None:
-            logits = profile.routing_logits(logits)
-        routing = smoe_ops.route(logits.contiguous(), self.k, score=self.config["score"])
+            logits, k = profile.routing_logits(logits), self.k
+        routing = smoe_ops.route(logits.contiguous(), k, score=self.config["score"])
         return (routing.weights * self.expert_rewards(response, routing)).sum(1)
 
     def all_expert_rewards(self, response: torch.Tensor) -> torch.Tensor:

@@ -400,7 +400,8 @@ def personalized_probability(model, data: PreferenceData,
                              default: str = "population") -> torch.Tensor:
     """[P] float64 probability that chosen beats rejected under each pair's user profile
     (the mixture over the k experts routed on the profile's logits); `profiles` None
-    scores every pair on the population routing.
+    scores every pair on the population routing (over `model.population_k` experts: the
+    whole prior mixture for a user-level model without a router prior).
 
     Pairs whose user id has no row in `profiles` use the population routing when
     `default` is "population", or raise ValueError when it is "error".
@@ -423,8 +424,19 @@ def personalized_probability(model, data: PreferenceData,
         if profiles.relative:
             shift = logits + shift
         logits = torch.where(known[:, None], shift, logits)
-    routing = smoe_ops.route(logits.contiguous(), model.k, score=model.config["score"])
-    # Only the k routed experts of each pair: the biases cancel in the margin.
-    margins = (model.expert_rewards(data.chosen, routing)
-               - model.expert_rewards(data.rejected, routing))
+    if model.population_k == model.k or bool(known.all()):
+        return _mixture_probability(model, data.chosen, data.rejected, logits, model.k)
+    probability = torch.empty(len(data), dtype=torch.float64)
+    for rows, k in ((known, model.k), (~known, model.population_k)):
+        if bool(rows.any()):
+            probability[rows] = _mixture_probability(model, data.chosen[rows],
+                                                     data.rejected[rows], logits[rows], k)
+    return probability
+
+
+def _mixture_probability(model, chosen, rejected, logits, k: int) -> torch.Tensor:
+    """[P] float64 sum_j g_j sigmoid(r_j(chosen) - r_j(rejected)) over the k experts routed on
+    `logits`: only those experts are evaluated, and their biases cancel in the margin."""
+    routing = smoe_ops.route(logits.contiguous(), k, score=model.config["score"])
+    margins = model.expert_rewards(chosen, routing) - model.expert_rewards(rejected, routing)
     return (routing.weights.double() * torch.sigmoid(margins.double())).sum(1)
