@@ -41,6 +41,9 @@ USER_LEVEL_TRAIN = dict(epochs=40, lr=0.05, patience=10, objective="user_mixture
 MIN_GAP_CLOSED_AT_8 = 0.8
 # "Rises with n": no step down by more than this (accuracy points), and n = 32 above n = 1.
 MAX_DIP_POINTS = 0.5
+# A user-level model scores a user with no labels on its whole prior mixture
+# (model.population_k): that should cost at most this much against the single head.
+MAX_GLOBAL_COST_POINTS = 1.0
 
 
 def setup(num_types=NUM_TYPES, num_experts=NUM_TYPES, label_noise=0.0, type_probs=None,
@@ -179,6 +182,8 @@ def main(argv=None) -> int:
     made, model, single, held_out = setup()
     curve = curve_for(made, model, single, held_out, args.resamples)
     map_curve = curve.mean("map")
+    population_at_0 = curve.mean("population")[curve.shots.index(0)]
+    single_at_0 = curve.mean("single-head BT")[curve.shots.index(0)]
     checks = [
         (f"MAP with 8 labels closes >= {100 * MIN_GAP_CLOSED_AT_8:.0f}% of the gap from the "
          "population model to the per-user oracle",
@@ -186,6 +191,10 @@ def main(argv=None) -> int:
          curve.gap_closed("map", 8) >= MIN_GAP_CLOSED_AT_8),
         (f"the MAP curve rises with n (no dip over {MAX_DIP_POINTS} points; n = 32 above "
          "n = 1)", " -> ".join(f"{100 * v:.1f}" for v in map_curve), rises(map_curve)),
+        (f"with no labels (n = 0) the population model (the prior mixture of the types) "
+         f"scores within {MAX_GLOBAL_COST_POINTS} point of the single-head BT",
+         f"{100 * population_at_0:.1f} vs {100 * single_at_0:.1f}",
+         100 * (single_at_0 - population_at_0) <= MAX_GLOBAL_COST_POINTS),
     ]
     robustness = [robustness_row("4 balanced types (reference)", made, model, single,
                                  held_out, args.resamples)]
