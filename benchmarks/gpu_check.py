@@ -168,6 +168,15 @@ def bench_layer_ops(table, model, T, skew, gen, gmm):
               cuda_time_ms(lambda: smoe_ops.grouped_mm(xs, w_in, d.offsets)),
               cuda_time_ms(lambda: reference.grouped_mm(xs, w_in, d.offsets)), theirs,
               flops=flops)
+    if T == 4096 and not skew:
+        # The same product on the register-staged loader (version 1's tile): a w one element
+        # off 16-byte alignment cannot take the cp.async path. The pair of rows is the gain of
+        # the pipelined tile (benchmarks/GPU_NOTES.md, version 2).
+        flat = torch.empty(w_in.numel() + 1, dtype=w_in.dtype, device="cuda")
+        w_staged = flat[1:].view(w_in.shape).copy_(w_in)
+        table.add("grouped_mm up, staged", model, T, routing,
+                  cuda_time_ms(lambda: smoe_ops.grouped_mm(xs, w_staged, d.offsets)),
+                  flops=flops)
     gate_up = smoe_ops.grouped_mm(xs, w_in, d.offsets)
     table.add("swiglu", model, T, routing, cuda_time_ms(lambda: smoe_ops.swiglu(gate_up)),
               cuda_time_ms(lambda: reference.swiglu(gate_up)), nbytes=N * 3 * I * 2)
