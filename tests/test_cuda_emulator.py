@@ -131,7 +131,8 @@ def test_route_matches_the_float64_reference(emu):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 # E <= 512: one fused pass (1 to 16 register slots per lane); E = 600: the two-kernel path.
 @pytest.mark.parametrize("shape", [(0, 5, 2), (1, 1, 1), (70, 7, 2), (300, 257, 8),
-                                   (5000, 3, 1), (90, 128, 8), (40, 600, 4)], ids=str)
+                                   (5000, 3, 1), (90, 128, 8), (40, 600, 4), (6, 0, 1)],
+                         ids=str)
 def test_router_losses_equal_the_cpu_kernel(emu, shape, dtype):
     T, E, k = shape
     gen = torch.Generator().manual_seed(T + E)
@@ -267,6 +268,24 @@ def test_grouped_mm_matches_the_float64_reference(emu, case, dtype, layout):
     assert_close(grad_x, x64.grad, dtype=dtype, scale=max(1.0, M / 8))
     assert_close(grad_w, w64.grad, dtype=dtype, scale=max(1.0, rows / 8))
     assert_close(grad_b, b64.grad, dtype=dtype, scale=max(1.0, rows / 8))
+
+
+def test_grouped_mm_below_sm80_takes_the_register_staged_tile(emu, monkeypatch):
+    """On a device without sm_80 code the launchers must not pick the pipelined tile (under
+    the emulator it then traps, as its sm_75 build would)."""
+    monkeypatch.setenv("SMOE_CUDA_EMULATOR_ARCH", "75")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(90, 48, generator=gen).to(torch.bfloat16)
+    w = torch.randn(3, 48, 72, generator=gen).to(torch.bfloat16)
+    offsets = offsets_of([10, 0, 80])
+    out = emu.grouped_mm(x, w, offsets, None)
+    assert_close(out, reference.grouped_mm(x.double(), w.double(), offsets, None),
+                 dtype=torch.bfloat16, scale=6)
+    grad_out = torch.randn(90, 72, generator=gen).to(torch.bfloat16)
+    _, grad_w, _ = emu.grouped_mm_backward(grad_out, x, w, offsets, [False, True, False])
+    w64 = w.double().requires_grad_(True)
+    reference.grouped_mm(x.double(), w64, offsets, None).backward(grad_out.double())
+    assert_close(grad_w, w64.grad, dtype=torch.bfloat16, scale=10)
 
 
 def test_grouped_mm_is_the_same_under_every_schedule(emu):

@@ -113,6 +113,16 @@ __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// Whether the code running was compiled with tensor cores (SMOE_HAS_MMA) for this device; the
+// emulator answers for the architecture it emulates (SMOE_CUDA_EMULATOR_ARCH).
+__device__ __forceinline__ bool has_mma() {
+#ifdef SMOE_CUDA_EMULATE
+  return emu::binary_version() >= 80;
+#else
+  return SMOE_HAS_MMA;
+#endif
+}
+
 // ---- sm_80 data movement: cp.async into shared memory, ldmatrix out of it ------------------
 // Only for SMOE_HAS_MMA code (elsewhere they compile to nothing and must not be called).
 
@@ -141,7 +151,8 @@ __device__ __forceinline__ void cp_async_wait() {
 #if defined(SMOE_CUDA_EMULATE)
   emu::cp_async_wait(kPending);
 #elif SMOE_HAS_MMA
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+  // "memory": no shared-memory access moves across the wait.
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 #endif
 }
 

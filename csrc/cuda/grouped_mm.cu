@@ -235,9 +235,8 @@ __device__ void gemm_tile_pipelined(const Tile<T>& t) {
                                                                : BK * (TN + kPad);
   alignas(16) __shared__ T stage_a[kStages][kAElems];
   alignas(16) __shared__ T stage_b[kStages][kBElems];
-  if constexpr (!SMOE_HAS_MMA) {
-    SMOE_DEVICE_CHECK(false, "smoe_ops.grouped_mm: the pipelined path needs sm_80 or newer\n");
-  }
+  // The launchers take this path only where runs_sm80_code says so.
+  SMOE_DEVICE_CHECK(has_mma(), "smoe_ops.grouped_mm: the pipelined path needs sm_80 or newer\n");
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / Shape::kWarpsN, wn = warp % Shape::kWarpsN;
   // Element offsets in a stage: A (row i, reduction r), B (column n, reduction r).
@@ -460,6 +459,20 @@ __global__ void grad_bias_kernel(const T* grad_out, const int64_t* offsets, int6
 bool packs(int64_t elems) { return elems % 8 == 0; }
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The current device runs sm_80+ code of this module (binaryVersion: the code the driver
+// loaded for it): a build for older architectures (TORCH_CUDA_ARCH_LIST="7.5") compiles the
+// pipelined tile without tensor cores, so the register-staged one must serve. A host-side
+// attribute lookup, no device work.
+template <typename Kernel>
+bool runs_sm80_code(Kernel kernel) {
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel)) != cudaSuccess) {
+    cudaGetLastError();  // clear it: the register-staged tile serves
+    return false;
+  }
+  return attributes.binaryVersion >= 80;
+}
+
 }  // namespace
 
 int64_t grouped_mm_workspace_elems(int64_t E) { return E + 1; }
@@ -473,7 +486,8 @@ cudaError_t grouped_mm_check_offsets(const int64_t* offsets, int64_t N, int64_t 
 // Large tiles (128 x 128, 8 warps) for the pipelined path when the problem fills them: an
 // average of at least 128 rows per expert and at least 128 columns (twice the work per byte
 // staged of a 64 x 64 tile: BM BN / (BM + BN) = 64 against 32); small ones otherwise, where a
-// 128-row tile would be mostly padding. TODO: the threshold is a guess until gpu_check.sh measures both on a GPU.
+// 128-row tile would be mostly padding.
+// TODO: the threshold is a guess: set it once gpu_check.sh has measured both tiles on a GPU.
 bool large_tiles(int64_t rows, int64_t groups, int64_t cols) {
   return rows >= int64_t(LargeTile::BM) * groups && cols >= LargeTile::BN;
 }
@@ -499,6 +513,9 @@ cudaError_t grouped_mm(DType dtype, const void* a, const void* b, int64_t b_se, 
       return cudaGetLastError();
     };
     if constexpr (kSixteenBit<T>) {
+      if (!runs_sm80_code(grouped_rows_kernel<T, kARowsBCols, SmallTile>)) {
+        return launch(std::integral_constant<int, kGeneric>{}, SmallTile{});
+      }
       auto pipelined = [&](auto layout) {
         return large_tiles(N, E, M) ? launch(layout, LargeTile{}) : launch(layout, SmallTile{});
       };
@@ -533,7 +550,8 @@ cudaError_t grouped_mm_grad_w(DType dtype, const void* x, const void* grad_out,
     };
     if constexpr (kSixteenBit<T>) {
       // x^T has its unit stride along K (the tile's rows), grad_out along M (its columns).
-      if (packs(K) && packs(M) && aligned16(x) && aligned16(grad_out)) {
+      if (packs(K) && packs(M) && aligned16(x) && aligned16(grad_out) &&
+          runs_sm80_code(grad_w_kernel<T, kAColsBCols, SmallTile>)) {
         constexpr auto layout = std::integral_constant<int, kAColsBCols>{};
         return large_tiles(K, 1, M) ? launch(layout, LargeTile{}) : launch(layout, SmallTile{});
       }

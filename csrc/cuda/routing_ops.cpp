@@ -164,7 +164,7 @@ at::Tensor router_losses_backward_cuda(const at::Tensor& grad_losses_in,
   // allocate
   auto logits = logits_in.contiguous();
   auto grad = at::empty_like(logits);
-  if (num_tokens == 0) return grad;
+  if (grad.numel() == 0) return grad;  // no tokens, or no experts: nothing to launch
   auto counts = counts_in.contiguous();
   auto grad_losses = grad_losses_in.contiguous();
   auto mean_probs = mean_probs_in.contiguous();

@@ -26,7 +26,10 @@
 //   - __shared__ arrays are function statics: one block at a time uses them. Atomics are
 //     plain read-modify-writes (one OS thread runs all fibers).
 //   - Not modelled: memory ordering between blocks, timing, alignment faults, bank conflicts,
-//     resource limits other than the launch configuration.
+//     resource limits other than the launch configuration; shared memory is not refilled
+//     with garbage between blocks (a read of never-written shared memory goes unseen); the
+//     device's own math (nvcc contracts a * b + c into fma, and CUDA's expf / logf may differ
+//     from the host's by an ulp or two: keys that nearly tie can order differently on a GPU).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -67,6 +70,14 @@ enum cudaError_t : int {
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
+// binaryVersion: the architecture the emulated device runs, 10 * major + minor:
+// SMOE_CUDA_EMULATOR_ARCH (default 90), so that launchers' architecture choices are tested.
+struct cudaFuncAttributes {
+  int binaryVersion;
+  int ptxVersion;
+};
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void* func);
+
 cudaError_t cudaGetLastError();
 const char* cudaGetErrorString(cudaError_t error);
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream);
@@ -106,6 +117,9 @@ struct ThreadIndex {
 
 // The running fiber's indices (valid only inside a kernel).
 const ThreadIndex& self();
+
+// The emulated device's architecture, as cudaFuncAttributes::binaryVersion gives it.
+int binary_version();
 
 // Kinds of warp collective; the payload of each lane is up to kMaxWords 32-bit words.
 enum class Collective : int {

@@ -262,7 +262,9 @@ void try_fire(int warp, Collective kind, unsigned mask) {
     case Collective::kShuffleXor:
       for (int lane = 0; lane < kWarp; ++lane) {
         if (!((mask >> lane) & 1u)) continue;
-        const int source = lane ^ static_cast<int>(slots[lane].in[2] & 31u);
+        // A source past the warp gives the caller its own value, as on the GPU.
+        const int xor_mask = static_cast<int>(slots[lane].in[2]);
+        const int source = (lane ^ xor_mask) < kWarp ? lane ^ xor_mask : lane;
         if (!((mask >> source) & 1u)) {
           fail(where() + ": __shfl_xor_sync in lane " + std::to_string(lane) + " reads lane " +
                std::to_string(source) + ", outside the mask " + std::to_string(mask) +
@@ -332,6 +334,11 @@ void set_error(cudaError_t error, const std::string& message) {
 }  // namespace
 
 const ThreadIndex& self() { return g_grid->current->index; }
+
+int binary_version() {
+  const char* text = std::getenv("SMOE_CUDA_EMULATOR_ARCH");
+  return text != nullptr ? int(std::strtol(text, nullptr, 10)) : 90;
+}
 
 void syncthreads() {
   Grid& g = *g_grid;
@@ -532,6 +539,13 @@ const char* cudaGetErrorString(cudaError_t error) {
       return "unspecified launch failure";
   }
   return "unknown error";
+}
+
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void* func) {
+  (void)func;
+  const int version = smoe::emu::binary_version();
+  *attributes = {version, version};
+  return cudaSuccess;
 }
 
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream) {
