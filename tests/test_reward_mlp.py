@@ -224,7 +224,10 @@ class GroupedMMRows(TorchDispatchMode):
 
 @pytest.mark.parametrize("prior_scale", [0.0, 0.5])
 def test_grouped_mm_sees_routed_rows_only(prior_scale):
-    # K = 64 experts, k = 2: a pair costs 2 experts' rows, not 64.
+    # K = 64 experts, k = 2: a pair costs 2 experts' rows, not 64; except a user with no
+    # profile of this user-level model, scored on the whole prior mixture (population_k).
+    from smoe_ops.reward.personalization import UserProfile
+
     num_experts, k, num_pairs = 64, 2, 50
     model = SparseMoERewardModel(DC, DR, num_experts, k, expert_hidden=HIDDEN,
                                  prior_scale=prior_scale, num_users=10)
@@ -235,22 +238,26 @@ def test_grouped_mm_sees_routed_rows_only(prior_scale):
         routing, _logits, margins = model.expert_margins(context, chosen, rejected)
         mixture_bt_loss(routing.weights, margins).backward()
 
-    expected = {
-        "margins": (lambda: model.expert_margins(context, chosen, rejected), 2 * num_pairs),
+    profile = UserProfile(torch.zeros(num_experts))
+    assert model.population_k == num_experts
+    expected = {  # name: (call, responses, experts per response)
+        "margins": (lambda: model.expert_margins(context, chosen, rejected), 2 * num_pairs, k),
         "user_margins": (lambda: model.user_expert_margins(torch.arange(num_pairs) % 10,
                                                            chosen, rejected),
-                         2 * num_pairs),
-        "reward": (lambda: model.reward(context, chosen), num_pairs),
-        "training_step": (training_step, 2 * num_pairs),
+                         2 * num_pairs, k),
+        "reward": (lambda: model.reward(context, chosen, profile=profile), num_pairs, k),
+        "reward, no profile": (lambda: model.reward(context, chosen), num_pairs, num_experts),
+        "training_step": (training_step, 2 * num_pairs, k),
     }
-    for name, (call, responses) in expected.items():
+    for name, (call, responses, experts) in expected.items():
         with GroupedMMRows() as recorder:
             call()
         assert len(recorder.calls) == 2 * mlps, name
-        assert all(rows == responses * k for rows, _, _ in recorder.calls), (name, recorder.calls)
+        assert all(rows == responses * experts for rows, _, _ in recorder.calls), (
+            name, recorder.calls)
         # FLOPs 2 * rows * in * out per call: 2 (Dr H + H) per routed row and MLP.
         flops = sum(2 * rows * fan_in * fan_out for rows, fan_in, fan_out in recorder.calls)
-        assert flops == 2 * responses * k * (DR * HIDDEN + HIDDEN) * mlps, name
+        assert flops == 2 * responses * experts * (DR * HIDDEN + HIDDEN) * mlps, name
         # Backward only through the learned MLP (the prior is fixed, responses are data).
         backward = [responses * k] * 2 if name == "training_step" else []
         assert recorder.backward_rows == backward, name
