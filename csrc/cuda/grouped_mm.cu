@@ -35,6 +35,8 @@
 //   sm_90a, tiles fixed at 64 x 64: tune them once gpu_check.sh has measured this version
 //   against torch._grouped_mm.
 // Reference: smoe_ops.reference.grouped_mm; CPU twin: csrc/cpu/grouped_mm.cpp.
+#include <atomic>
+
 #include "cuda/device_utils.cuh"
 
 namespace smoe {
@@ -460,17 +462,42 @@ bool packs(int64_t elems) { return elems % 8 == 0; }
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The current device runs sm_80+ code of this module (binaryVersion: the code the driver
-// loaded for it): a build for older architectures (TORCH_CUDA_ARCH_LIST="7.5") compiles the
-// pipelined tile without tensor cores, so the register-staged one must serve. A host-side
-// attribute lookup, no device work.
-template <typename Kernel>
-bool runs_sm80_code(Kernel kernel) {
-  cudaFuncAttributes attributes;
-  if (cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel)) != cudaSuccess) {
-    cudaGetLastError();  // clear it: the register-staged tile serves
-    return false;
+// loaded for it; one module, so any of its kernels answers): a build for older architectures
+// (TORCH_CUDA_ARCH_LIST="7.5") compiles the pipelined tile without tensor cores, so the
+// register-staged one must serve. Asked once per device and remembered, off the launch path;
+// the emulator asks every time (tests change the architecture it emulates).
+bool runs_sm80_code() {
+  auto ask = []() {
+    cudaFuncAttributes attributes;
+    if (cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(row_tiles_kernel)) !=
+        cudaSuccess) {
+      cudaGetLastError();  // clear it: the register-staged tile serves
+      return false;
+    }
+    return attributes.binaryVersion >= 80;
+  };
+#ifdef SMOE_CUDA_EMULATE
+  return ask();
+#else
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices] = {};  // 0: not asked, 1: no, 2: yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+    cudaGetLastError();
+    return ask();
   }
-  return attributes.binaryVersion >= 80;
+  if (known[device].load(std::memory_order_relaxed) == 0) {
+    known[device].store(ask() ? 2 : 1, std::memory_order_relaxed);
+  }
+  return known[device].load(std::memory_order_relaxed) == 2;
+#endif
+}
+
+// The offsets check, and the prefix of row tiles of tile_rows rows per expert in workspace.
+cudaError_t launch_row_tiles(const int64_t* offsets, int64_t N, int64_t E, int64_t tile_rows,
+                             int32_t* workspace, cudaStream_t stream) {
+  SMOE_LAUNCH(1, 32, 0, stream, row_tiles_kernel)(offsets, E, N, tile_rows, workspace);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -479,8 +506,7 @@ int64_t grouped_mm_workspace_elems(int64_t E) { return E + 1; }
 
 cudaError_t grouped_mm_check_offsets(const int64_t* offsets, int64_t N, int64_t E,
                                      int32_t* workspace, cudaStream_t stream) {
-  SMOE_LAUNCH(1, 32, 0, stream, row_tiles_kernel)(offsets, E, N, BM, workspace);
-  return cudaGetLastError();
+  return launch_row_tiles(offsets, N, E, BM, workspace, stream);
 }
 
 // Large tiles (128 x 128, 8 warps) for the pipelined path when the problem fills them: an
@@ -500,9 +526,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, const void* b, int64_t b_se, 
     using T = decltype(tag);
     auto launch = [&](auto layout, auto shape) -> cudaError_t {
       using Shape = decltype(shape);
-      // The offsets check, and the row-tile prefix for this tile height.
-      SMOE_LAUNCH(1, 32, 0, stream, row_tiles_kernel)(offsets, E, N, Shape::BM, workspace);
-      const cudaError_t err = cudaGetLastError();
+      const cudaError_t err = launch_row_tiles(offsets, N, E, Shape::BM, workspace, stream);
       if (err != cudaSuccess) return err;
       const dim3 grid(static_cast<unsigned>(ceil_div(N, Shape::BM) + E),
                       static_cast<unsigned>(ceil_div(M, Shape::BN)));
@@ -513,7 +537,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, const void* b, int64_t b_se, 
       return cudaGetLastError();
     };
     if constexpr (kSixteenBit<T>) {
-      if (!runs_sm80_code(grouped_rows_kernel<T, kARowsBCols, SmallTile>)) {
+      if (!runs_sm80_code()) {
         return launch(std::integral_constant<int, kGeneric>{}, SmallTile{});
       }
       auto pipelined = [&](auto layout) {
@@ -551,7 +575,7 @@ cudaError_t grouped_mm_grad_w(DType dtype, const void* x, const void* grad_out,
     if constexpr (kSixteenBit<T>) {
       // x^T has its unit stride along K (the tile's rows), grad_out along M (its columns).
       if (packs(K) && packs(M) && aligned16(x) && aligned16(grad_out) &&
-          runs_sm80_code(grad_w_kernel<T, kAColsBCols, SmallTile>)) {
+          runs_sm80_code()) {
         constexpr auto layout = std::integral_constant<int, kAColsBCols>{};
         return large_tiles(K, 1, M) ? launch(layout, LargeTile{}) : launch(layout, SmallTile{});
       }

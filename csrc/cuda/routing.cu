@@ -200,6 +200,9 @@ __device__ __forceinline__ void route_row(const RouteArgs<T>& args, int64_t t, c
   int32_t gid = INT32_MAX;
   A* group_score = args.group_scores + t * args.num_groups;
   if (args.num_groups > 1) {
+    // Members own whole groups here but strided entries in the key cache below, so grouped
+    // rows compute each key twice. TODO: share them (shuffles) if gpu_check.sh's DeepSeek
+    // route rows show the keys, not the passes, dominate.
     for (int64_t g = rank; g < args.num_groups; g += kSize) {
       A best = neg_inf<A>(), second = neg_inf<A>();
       for (int64_t e = g * G; e < (g + 1) * G; ++e) {
