@@ -7,6 +7,7 @@
 
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -75,11 +76,31 @@ inline void check_size(const char* op, const char* name, const at::Tensor& t, in
                     what, " (", expected, "), got shape ", shape_str(t));
 }
 
+// Where an op's tensors must live: on the CPU (the CPU kernels), or on the CUDA device of the
+// op's first tensor (the anchor). Validators shared by the backends take it, so that one
+// text serves both and the CUDA glue adds its device checks in the same place.
+class Placement {
+ public:
+  static Placement cpu() { return Placement(nullptr, nullptr); }
+  static Placement cuda(const char* anchor_name, const at::Tensor& anchor) {
+    return Placement(anchor_name, &anchor);
+  }
+  void check(const char* op, const char* name, const at::Tensor& t) const {
+    if (anchor_ == nullptr) return check_cpu(op, name, t);
+    check_cuda(op, name, t);
+    if (&t != anchor_) check_same_device(op, name, t, anchor_name_, *anchor_);
+  }
+
+ private:
+  Placement(const char* anchor_name, const at::Tensor* anchor)
+      : anchor_name_(anchor_name), anchor_(anchor) {}
+  const char* anchor_name_;
+  const at::Tensor* anchor_;
+};
+
 // Arguments of route and router_losses, the same on every backend.
-// TODO: move each op's whole validation here, parametrized by where its tensors must live
-// (the CPU, or the CUDA device of the first one), once the CUDA kernels have run on a GPU
-// and their checks have settled; today the CPU and CUDA entry points repeat the shape and
-// dtype checks around these shared pieces.
+// TODO: the dispatch, grouped_mm and swiglu entry points still repeat their shape and dtype
+// checks per backend: move them here on Placement as the routing ones are.
 inline bool parse_score(const char* op, std::string_view score) {
   TORCH_CHECK_VALUE(score == "softmax" || score == "sigmoid", op,
                     ": score must be 'softmax' or 'sigmoid', got '", score, "'");
@@ -122,6 +143,36 @@ using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float
 // Routing weights, losses and probabilities are float32, or float64 for float64 logits.
 inline at::ScalarType weight_dtype(at::ScalarType logits_dtype) {
   return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// logits [T, E], floating, on `where`.
+inline void check_logits(const char* op, const at::Tensor& logits, const Placement& where) {
+  where.check(op, "logits", logits);
+  check_rank(op, "logits", logits, 2, "[num_tokens, num_experts]");
+  check_floating(op, "logits", logits);
+}
+
+// counts [E] int32, on `where`.
+inline void check_counts(const char* op, const at::Tensor& counts, int64_t num_experts,
+                         const Placement& where) {
+  where.check(op, "counts", counts);
+  check_rank(op, "counts", counts, 1, "[num_experts]");
+  check_dtype(op, "counts", counts, at::kInt);
+  check_size(op, "counts", counts, 0, num_experts, "num_experts");
+}
+
+// expert_bias [E], floating, on `where`; returned contiguous in the weight type `wdtype`.
+inline std::optional<at::Tensor> checked_expert_bias(const char* op,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     int64_t num_experts,
+                                                     at::ScalarType wdtype,
+                                                     const Placement& where) {
+  if (!bias.has_value()) return std::nullopt;
+  where.check(op, "expert_bias", *bias);
+  check_rank(op, "expert_bias", *bias, 1, "[num_experts]");
+  check_floating(op, "expert_bias", *bias);
+  check_size(op, "expert_bias", *bias, 0, num_experts, "num_experts");
+  return bias->to(wdtype).contiguous();
 }
 
 }  // namespace smoe

@@ -747,26 +747,13 @@ void losses_backward_kernel(const at::Tensor& grad_losses, const at::Tensor& log
 // ---------------------------------------------------------------------------------------
 // Entry points
 
-void check_logits(const char* op, const at::Tensor& logits) {
-  check_cpu(op, "logits", logits);
-  check_rank(op, "logits", logits, 2, "[num_tokens, num_experts]");
-  check_floating(op, "logits", logits);
-}
-
-void check_counts(const char* op, const at::Tensor& counts, int64_t num_experts) {
-  check_cpu(op, "counts", counts);
-  check_rank(op, "counts", counts, 1, "[num_experts]");
-  check_dtype(op, "counts", counts, at::kInt);
-  check_size(op, "counts", counts, 0, num_experts, "num_experts");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
     const at::Tensor& logits_in, int64_t k, c10::string_view score, bool renormalize,
     const std::optional<at::Tensor>& expert_bias, int64_t num_groups, int64_t topk_groups,
     double scale) {
   // validate
   const char* op = "smoe_ops.route";
-  check_logits(op, logits_in);
+  check_logits(op, logits_in, Placement::cpu());
   const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
   const bool sigmoid = parse_score(op, score);
   check_k(op, k, num_experts);
@@ -776,14 +763,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
                     ": num_tokens * k must fit int32 counts (at most 2^31 - 1), got ",
                     num_tokens, " * ", k);
   const auto wdtype = weight_dtype(logits_in.scalar_type());
-  std::optional<at::Tensor> bias;
-  if (expert_bias.has_value()) {
-    check_cpu(op, "expert_bias", *expert_bias);
-    check_rank(op, "expert_bias", *expert_bias, 1, "[num_experts]");
-    check_floating(op, "expert_bias", *expert_bias);
-    check_size(op, "expert_bias", *expert_bias, 0, num_experts, "num_experts");
-    bias = expert_bias->to(wdtype).contiguous();
-  }
+  const auto bias =
+      checked_expert_bias(op, expert_bias, num_experts, wdtype, Placement::cpu());
 
   // allocate
   auto logits = logits_in.contiguous();
@@ -806,7 +787,7 @@ at::Tensor route_backward_cpu(const at::Tensor& grad_weights_in, const at::Tenso
                               bool renormalize, double scale) {
   // validate
   const char* op = "smoe_ops.route_backward";
-  check_logits(op, logits_in);
+  check_logits(op, logits_in, Placement::cpu());
   const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
   const bool sigmoid = parse_score(op, score);
   check_cpu(op, "ids", ids_in);
@@ -847,9 +828,9 @@ std::tuple<at::Tensor, at::Tensor> router_losses_cpu(const at::Tensor& logits_in
                                                      const at::Tensor& counts_in, int64_t k) {
   // validate
   const char* op = "smoe_ops.router_losses";
-  check_logits(op, logits_in);
+  check_logits(op, logits_in, Placement::cpu());
   const int64_t num_experts = logits_in.size(1);
-  check_counts(op, counts_in, num_experts);
+  check_counts(op, counts_in, num_experts, Placement::cpu());
   TORCH_CHECK_VALUE(k >= 1, op, ": k must be >= 1, got ", k);
 
   // allocate
@@ -871,9 +852,9 @@ at::Tensor router_losses_backward_cpu(const at::Tensor& grad_losses_in,
                                       int64_t k, const at::Tensor& mean_probs_in) {
   // validate
   const char* op = "smoe_ops.router_losses_backward";
-  check_logits(op, logits_in);
+  check_logits(op, logits_in, Placement::cpu());
   const int64_t num_experts = logits_in.size(1);
-  check_counts(op, counts_in, num_experts);
+  check_counts(op, counts_in, num_experts, Placement::cpu());
   TORCH_CHECK_VALUE(k >= 1, op, ": k must be >= 1, got ", k);
   const auto wdtype = weight_dtype(logits_in.scalar_type());
   check_cpu(op, "grad_losses", grad_losses_in);

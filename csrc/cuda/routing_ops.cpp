@@ -11,19 +11,8 @@
 namespace smoe {
 namespace {
 
-void check_logits(const char* op, const at::Tensor& logits) {
-  check_cuda(op, "logits", logits);
-  check_rank(op, "logits", logits, 2, "[num_tokens, num_experts]");
-  check_floating(op, "logits", logits);
-}
-
-void check_counts(const char* op, const at::Tensor& counts, const at::Tensor& logits) {
-  check_cuda(op, "counts", counts);
-  check_same_device(op, "counts", counts, "logits", logits);
-  check_rank(op, "counts", counts, 1, "[num_experts]");
-  check_dtype(op, "counts", counts, at::kInt);
-  check_size(op, "counts", counts, 0, logits.size(1), "num_experts");
-}
+// Every tensor on the CUDA device of the logits.
+Placement on_logits_device(const at::Tensor& logits) { return Placement::cuda("logits", logits); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
     const at::Tensor& logits_in, int64_t k, c10::string_view score, bool renormalize,
@@ -31,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
     double scale) {
   // validate
   const char* op = "smoe_ops.route";
-  check_logits(op, logits_in);
+  check_logits(op, logits_in, on_logits_device(logits_in));
   const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
   const bool sigmoid = parse_score(op, std::string_view(score.data(), score.size()));
   check_k(op, k, num_experts);
@@ -43,15 +32,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
                     ": num_experts must fit int32 ids, got ", num_experts);
   const DeviceGuard guard(logits_in.device());
   const auto wdtype = weight_dtype(logits_in.scalar_type());
-  at::Tensor bias;
-  if (expert_bias.has_value()) {
-    check_cuda(op, "expert_bias", *expert_bias);
-    check_same_device(op, "expert_bias", *expert_bias, "logits", logits_in);
-    check_rank(op, "expert_bias", *expert_bias, 1, "[num_experts]");
-    check_floating(op, "expert_bias", *expert_bias);
-    check_size(op, "expert_bias", *expert_bias, 0, num_experts, "num_experts");
-    bias = expert_bias->to(wdtype).contiguous();
-  }
+  const auto bias = checked_expert_bias(op, expert_bias, num_experts, wdtype,
+                                        on_logits_device(logits_in));
 
   // allocate
   auto logits = logits_in.contiguous();
@@ -64,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
 
   // launch
   SMOE_CUDA_CHECK(cuda::route(kernel_dtype(logits), logits.const_data_ptr(),
-                              bias.defined() ? bias.const_data_ptr() : nullptr, num_tokens,
+                              bias.has_value() ? bias->const_data_ptr() : nullptr, num_tokens,
                               num_experts, k, sigmoid, renormalize, num_groups, topk_groups,
                               scale, group_scores.defined() ? group_scores.mutable_data_ptr()
                                                             : nullptr,
@@ -78,7 +60,7 @@ at::Tensor route_backward_cuda(const at::Tensor& grad_weights_in, const at::Tens
                                bool renormalize, double scale) {
   // validate (id range: on the device, see routing.cu)
   const char* op = "smoe_ops.route_backward";
-  check_logits(op, logits_in);
+  check_logits(op, logits_in, on_logits_device(logits_in));
   const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
   const bool sigmoid = parse_score(op, std::string_view(score.data(), score.size()));
   check_cuda(op, "ids", ids_in);
@@ -116,9 +98,9 @@ std::tuple<at::Tensor, at::Tensor> router_losses_cuda(const at::Tensor& logits_i
                                                       const at::Tensor& counts_in, int64_t k) {
   // validate
   const char* op = "smoe_ops.router_losses";
-  check_logits(op, logits_in);
+  check_logits(op, logits_in, on_logits_device(logits_in));
   const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
-  check_counts(op, counts_in, logits_in);
+  check_counts(op, counts_in, num_experts, on_logits_device(logits_in));
   TORCH_CHECK_VALUE(k >= 1, op, ": k must be >= 1, got ", k);
   const DeviceGuard guard(logits_in.device());
 
@@ -144,9 +126,9 @@ at::Tensor router_losses_backward_cuda(const at::Tensor& grad_losses_in,
                                        int64_t k, const at::Tensor& mean_probs_in) {
   // validate
   const char* op = "smoe_ops.router_losses_backward";
-  check_logits(op, logits_in);
+  check_logits(op, logits_in, on_logits_device(logits_in));
   const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
-  check_counts(op, counts_in, logits_in);
+  check_counts(op, counts_in, num_experts, on_logits_device(logits_in));
   TORCH_CHECK_VALUE(k >= 1, op, ": k must be >= 1, got ", k);
   const auto wdtype = weight_dtype(logits_in.scalar_type());
   check_cuda(op, "grad_losses", grad_losses_in);
