@@ -118,6 +118,32 @@ def test_route_ties_nan_and_inf_rows_equal_the_cpu_kernel(emu, E):
             torch.testing.assert_close(w, w_ref, equal_nan=True)
 
 
+# Blocks loop over rows (the grid is the blocks the device holds at once: 8 per emulated
+# multiprocessor) and count their picks in shared memory; rows wider than 4096 experts count
+# straight into the output. One multiprocessor: every block routes many rows.
+@pytest.mark.parametrize("case", [(300, 60, 8), (700, 5, 5), (40, 600, 8), (12, 4100, 4)],
+                         ids=lambda c: "T{}-E{}-k{}".format(*c))
+@pytest.mark.parametrize("multiprocessors", ["1", "1000"])
+def test_route_blocks_loop_over_rows_and_count_in_shared_memory(emu, monkeypatch, case,
+                                                                  multiprocessors):
+    monkeypatch.setenv("SMOE_CUDA_EMULATOR_SMS", multiprocessors)
+    T, E, k = case
+    gen = torch.Generator().manual_seed(T + E)
+    logits = torch.randn(T, E, generator=gen)
+    # A bias that sends every row to expert 3 first: the hottest count any row set can make.
+    bias = torch.zeros(E)
+    bias[3] = 10.0
+    for expert_bias in (None, bias):
+        args = (k, "sigmoid", True, expert_bias, 1, 1, 1.0)
+        w, ids, counts = emu.route(logits, *args)
+        w_ref, ids_ref, counts_ref = cpu.route(logits, *args)
+        assert_equal(ids, ids_ref)
+        assert_equal(counts, counts_ref)
+        assert int(counts.sum()) == T * k
+        close(w, w_ref, torch.float32)
+    assert int(counts[3]) == T
+
+
 def test_route_matches_the_float64_reference(emu):
     logits = torch.randn(23, 60, dtype=torch.float64)
     bias = torch.randn(60, dtype=torch.float64) * 0.1

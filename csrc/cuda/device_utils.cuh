@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <limits>
@@ -111,6 +112,42 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
+}
+
+// Blocks of `threads` threads that the current device holds at once (multiprocessors times
+// 2048 / threads, the sm_80 / sm_90 thread limit): the grid of a kernel whose blocks loop
+// over their rows, so that per-block state (route's counts in shared memory) is flushed once
+// per resident block, not once per row. Asked once per device (the emulator: every time, as
+// its tests change the count); 0 when the runtime cannot say, and the caller then launches a
+// block per item.
+inline int64_t resident_blocks(int threads) {
+  auto ask = []() -> int64_t {
+    int device = 0, multiprocessors = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device) !=
+            cudaSuccess) {
+      cudaGetLastError();  // clear it: one block per item serves
+      return 0;
+    }
+    return multiprocessors;
+  };
+#ifdef SMOE_CUDA_EMULATE
+  return ask() * (2048 / threads);
+#else
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> known[kMaxDevices] = {};  // -1: asked, failed; 0: not asked
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+    cudaGetLastError();
+    return ask() * (2048 / threads);
+  }
+  if (known[device].load(std::memory_order_relaxed) == 0) {
+    const int64_t multiprocessors = ask();
+    known[device].store(multiprocessors > 0 ? multiprocessors : -1, std::memory_order_relaxed);
+  }
+  const int64_t multiprocessors = known[device].load(std::memory_order_relaxed);
+  return multiprocessors > 0 ? multiprocessors * (2048 / threads) : 0;
+#endif
 }
 
 // Whether the code running was compiled with tensor cores (SMOE_HAS_MMA) for this device; the

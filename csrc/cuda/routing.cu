@@ -26,9 +26,10 @@
 //   once, not k times); a block recomputes them from the logits (in L1) on each pass. Group
 //   scores go to a [T, num_groups] global workspace (members over groups), then the
 //   topk_groups-th best group is found the same way, and an expert is eligible when its
-//   group ranks at or above it. counts: one atomicAdd per chosen (t, j).
-//   TODO: the warp / block threshold (E = 32 * kMaxSlots) and the counts atomics (contended
-//   at large T) are unmeasured: set them from gpu_check.sh's route rows on a GPU.
+//   group ranks at or above it. Blocks loop over rows (as many blocks as the device holds at
+//   once) and count the picks in shared memory, flushed once per block (see kSharedCounts).
+//   TODO: the warp / block threshold (E = 32 * kMaxSlots) is unmeasured: set it from
+//   gpu_check.sh's route rows on a GPU.
 // router_losses: (1) partial sums per chunk of rows, [chunks, E + 2] in float64: p_te per
 //   column, then lse_t^2 and H(p_t). For E <= 32 * kMaxSlots one fused pass reads the logits
 //   once (a block per chunk, a warp per row, a lane's entries in registers); wider rows take
@@ -38,6 +39,8 @@
 //   are deterministic.
 // router_losses_backward: a thread per expert forms a_e, then a warp per row writes its grad.
 // Reference: smoe_ops.reference.route, smoe_ops.reference.router_losses.
+#include <algorithm>
+
 #include "cuda/device_utils.cuh"
 
 namespace smoe {
@@ -156,9 +159,11 @@ struct BlockTeam {
 };
 
 // Routes row t with `team`; S > 0 caches the member's keys (entries rank + i * kSize, i < S,
-// which must cover the row) in registers, S = 0 recomputes them on each pass.
+// which must cover the row) in registers, S = 0 recomputes them on each pass. Each pick adds
+// one to counts[id]: the block's counts in shared memory, or the output's.
 template <typename T, int S, typename Team>
-__device__ __forceinline__ void route_row(const RouteArgs<T>& args, int64_t t, const Team& team) {
+__device__ __forceinline__ void route_row(const RouteArgs<T>& args, int64_t t, const Team& team,
+                                          int32_t* counts) {
   using A = acc_t<T>;
   constexpr int kSize = Team::kSize;
   const int rank = team.rank;
@@ -285,7 +290,7 @@ __device__ __forceinline__ void route_row(const RouteArgs<T>& args, int64_t t, c
     prev_id = id;
     if (rank == 0) {
       ids[j] = id;
-      atomicAdd(args.counts + id, 1);
+      atomicAdd(counts + id, 1);
     }
   }
 
@@ -326,18 +331,52 @@ cudaError_t with_slots(int64_t E, F&& f) {
   return f(std::integral_constant<int, 0>{});
 }
 
-template <typename T, int S>
-__global__ void __launch_bounds__(kThreads) route_warp_kernel(RouteArgs<T> args) {
-  const int64_t t = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
-  if (t >= args.num_tokens) return;  // whole warps leave together
-  route_row<T, S>(args, t, WarpTeam{int(threadIdx.x % kWarp)});
+// counts: a block adds its rows' picks to a copy in shared memory and then adds each nonzero
+// entry to the output with one global atomic. Same-address global atomics serialize in L2
+// (about one per clock), so with every row picking one hot expert, one atomic per pick would
+// cost T clocks (65536 rows: ~40 us, against ~7 us to read bf16 logits [65536, 256] at
+// 4.8 TB/s); per block it is one per resident block. Rows of up to kSharedCounts experts
+// (16 KB of shared memory) count this way; wider ones add to the output directly.
+constexpr int kSharedCounts = 4096;
+
+__device__ __forceinline__ void zero_counts(int32_t* block_counts, int64_t E) {
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) block_counts[e] = 0;
+  __syncthreads();
 }
 
-template <typename T>
+__device__ __forceinline__ void flush_counts(const int32_t* block_counts, int64_t E,
+                                             int32_t* counts) {
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+    if (block_counts[e] != 0) atomicAdd(counts + e, block_counts[e]);
+  }
+}
+
+// Blocks loop over rows (grid at most the resident blocks, see route()). A warp's rows are
+// warp-uniform, so every thread reaches both barriers of the counts.
+template <typename T, int S>
+__global__ void __launch_bounds__(kThreads) route_warp_kernel(RouteArgs<T> args) {
+  __shared__ int32_t block_counts[S * kWarp];  // E <= S * kWarp on this path
+  zero_counts(block_counts, args.E);
+  const int64_t stride = int64_t(gridDim.x) * kRowsPerBlock;
+  for (int64_t t = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
+       t < args.num_tokens; t += stride) {
+    route_row<T, S>(args, t, WarpTeam{int(threadIdx.x % kWarp)}, block_counts);
+  }
+  flush_counts(block_counts, args.E, args.counts);
+}
+
+template <typename T, bool kSharedCountsFit>
 __global__ void __launch_bounds__(kBlockTeam) route_block_kernel(RouteArgs<T> args) {
   __shared__ double scratch_q[kTeamWarps];
   __shared__ int32_t scratch_id[kTeamWarps];
-  route_row<T, 0>(args, blockIdx.x, BlockTeam{int(threadIdx.x), scratch_q, scratch_id});
+  __shared__ int32_t block_counts[kSharedCountsFit ? kSharedCounts : 1];
+  if constexpr (kSharedCountsFit) zero_counts(block_counts, args.E);
+  for (int64_t t = blockIdx.x; t < args.num_tokens; t += gridDim.x) {
+    route_row<T, 0>(args, t, BlockTeam{int(threadIdx.x), scratch_q, scratch_id},
+                    kSharedCountsFit ? block_counts : args.counts);
+  }
+  if constexpr (kSharedCountsFit) flush_counts(block_counts, args.E, args.counts);
 }
 
 template <typename T>
@@ -620,6 +659,13 @@ __global__ void __launch_bounds__(kThreads)
 
 unsigned row_blocks(int64_t T) { return static_cast<unsigned>(ceil_div(T, kRowsPerBlock)); }
 
+// The grid of a kernel whose blocks loop over `items`: one block per item up to the blocks
+// the device holds at once.
+unsigned looping_grid(int64_t items, int threads) {
+  const int64_t resident = resident_blocks(threads);
+  return static_cast<unsigned>(resident > 0 ? std::min(items, resident) : items);
+}
+
 }  // namespace
 
 cudaError_t route(DType dtype, const void* logits, const void* bias, int64_t T, int64_t E,
@@ -646,9 +692,14 @@ cudaError_t route(DType dtype, const void* logits, const void* bias, int64_t T, 
     return with_slots(E, [&](auto slots) {
       constexpr int S = decltype(slots)::value;
       if constexpr (S > 0) {
-        SMOE_LAUNCH(row_blocks(T), kThreads, 0, stream, route_warp_kernel<T_, S>)(args);
+        SMOE_LAUNCH(looping_grid(row_blocks(T), kThreads), kThreads, 0, stream,
+                    route_warp_kernel<T_, S>)(args);
+      } else if (E <= kSharedCounts) {
+        SMOE_LAUNCH(looping_grid(T, kBlockTeam), kBlockTeam, 0, stream,
+                    route_block_kernel<T_, true>)(args);
       } else {
-        SMOE_LAUNCH(unsigned(T), kBlockTeam, 0, stream, route_block_kernel<T_>)(args);
+        SMOE_LAUNCH(looping_grid(T, kBlockTeam), kBlockTeam, 0, stream,
+                    route_block_kernel<T_, false>)(args);
       }
       return cudaGetLastError();
     });

@@ -78,6 +78,12 @@ struct cudaFuncAttributes {
 };
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void* func);
 
+// One device (0) with SMOE_CUDA_EMULATOR_SMS multiprocessors (default 2, so that grids sized
+// by the device, as route's, are small and each block loops over several work items).
+enum cudaDeviceAttr : int { cudaDevAttrMultiProcessorCount = 16 };
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device);
+
 cudaError_t cudaGetLastError();
 const char* cudaGetErrorString(cudaError_t error);
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream);

@@ -548,6 +548,21 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void* fu
   return cudaSuccess;
 }
 
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  if (attribute != cudaDevAttrMultiProcessorCount || device != 0) {
+    smoe::emu::set_error(cudaErrorInvalidValue, "cudaDeviceGetAttribute: not emulated");
+    return cudaErrorInvalidValue;
+  }
+  const char* text = std::getenv("SMOE_CUDA_EMULATOR_SMS");
+  *value = text != nullptr ? int(std::strtol(text, nullptr, 10)) : 2;
+  return cudaSuccess;
+}
+
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream) {
   (void)stream;
   std::memset(ptr, value, bytes);
