@@ -23,6 +23,42 @@ def test_newton_heads_reach_the_weighted_optimum():
     assert gradient.abs().max() < 1e-9
 
 
+def test_newton_heads_solve_without_a_batched_lu(monkeypatch):
+    # Some MKL builds get the row interchange of a multi-threaded batched LU wrong (a test
+    # run failed with "Pivots given to lu_solve must all be greater or equal to 1"): the
+    # SPD systems go through Cholesky, and a step equals the exact Newton step.
+    gen = torch.Generator().manual_seed(1)
+    diff = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    weights = torch.rand(40, 2, generator=gen, dtype=torch.float64)
+    heads = torch.randn(2, 6, generator=gen, dtype=torch.float64) * 0.1
+    prob = torch.sigmoid(diff @ heads.T)
+    expected = []
+    for e in range(2):
+        gradient = ((1 - prob[:, e]) * weights[:, e]) @ diff - 0.5 * heads[e]
+        hessian = (diff.T * (prob[:, e] * (1 - prob[:, e]) * weights[:, e])) @ diff
+        hessian = hessian + 0.5 * torch.eye(6, dtype=torch.float64)
+        expected.append(heads[e] + torch.linalg.inv(hessian) @ gradient)
+
+    def no_lu(*args, **kwargs):
+        raise AssertionError("EM called torch.linalg.solve")
+
+    monkeypatch.setattr(torch.linalg, "solve", no_lu)
+    step = _newton_heads(diff, weights, heads, 0.5, 1)
+    torch.testing.assert_close(step, torch.stack(expected), rtol=1e-10, atol=1e-12)
+
+
+def test_non_finite_features_are_refused():
+    made = synthetic.user_types(10, 5, num_types=2, response_dim=4, seed=0)
+    made.data.chosen[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="features must be finite, got 1 non-finite"):
+        fit_user_mixture(made.data, 10, 2)
+    diff = torch.ones(4, 3, dtype=torch.float64)
+    diff[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="not positive definite"):
+        _newton_heads(diff, torch.ones(4, 2, dtype=torch.float64),
+                      torch.zeros(2, 3, dtype=torch.float64), 1.0, 1)
+
+
 @pytest.mark.parametrize("num_types", [1, 3])  # 1: a single type, nothing to tell apart
 def test_fit_recovers_planted_types(num_types):
     made = synthetic.user_types(90, 20, num_types=num_types, response_dim=16, seed=1)
