@@ -99,7 +99,7 @@ class Placement {
 };
 
 // Arguments of route and router_losses, the same on every backend.
-// TODO: the grouped_mm and swiglu entry points still repeat their shape and dtype
+// TODO: the swiglu entry points still repeat their shape and dtype
 // checks per backend: move them here on Placement as the routing ones are.
 inline bool parse_score(const char* op, std::string_view score) {
   TORCH_CHECK_VALUE(score == "softmax" || score == "sigmoid", op,
@@ -236,6 +236,52 @@ inline void check_unpermute_backward_args(const char* op, const at::Tensor& grad
   check_size(op, "grad_y", grad_y, 0, inverse.size(0), "inverse.shape[0]");
   check_size(op, "grad_y", grad_y, 1, ys.size(1), "ys.shape[1]");
   check_weights(op, weights, inverse, where);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments of grouped_mm and grouped_mm_backward. The values of offsets (offsets[0] = 0,
+// non-decreasing, offsets[E] = N) are the backend's to check: the CPU reads them on the host,
+// CUDA checks them on the device.
+
+// x [N, K] floating; w [E, K, M] in the dtype of x; offsets [E + 1] int64; all on `where`.
+inline void check_grouped_mm_args(const char* op, const at::Tensor& x, const at::Tensor& w,
+                                  const at::Tensor& offsets, const Placement& where) {
+  where.check(op, "x", x);
+  where.check(op, "w", w);
+  check_rank(op, "x", x, 2, "[num_rows, in_features]");
+  check_rank(op, "w", w, 3, "[num_experts, in_features, out_features]");
+  check_floating(op, "x", x);
+  check_same_dtype(op, "w", w, "x", x);
+  check_size(op, "w", w, 1, x.size(1), "x.shape[1]");
+  where.check(op, "offsets", offsets);
+  check_rank(op, "offsets", offsets, 1, "[num_experts + 1]");
+  check_dtype(op, "offsets", offsets, at::kLong);
+  check_size(op, "offsets", offsets, 0, w.size(0) + 1, "w.shape[0] + 1");
+}
+
+// bias [E, M] in the dtype of x, on `where`, or none.
+inline void check_grouped_mm_bias(const char* op, const std::optional<at::Tensor>& bias,
+                                  const at::Tensor& x, const at::Tensor& w,
+                                  const Placement& where) {
+  if (!bias.has_value()) return;
+  where.check(op, "bias", *bias);
+  check_rank(op, "bias", *bias, 2, "[num_experts, out_features]");
+  check_same_dtype(op, "bias", *bias, "x", x);
+  check_size(op, "bias", *bias, 0, w.size(0), "w.shape[0]");
+  check_size(op, "bias", *bias, 1, w.size(2), "w.shape[2]");
+}
+
+// grad_out [N, M] of grouped_mm_backward, in the dtype of x, on `where`.
+inline void check_grouped_mm_grad_out(const char* op, const at::Tensor& grad_out,
+                                      const at::Tensor& x, const at::Tensor& w,
+                                      const Placement& where) {
+  const int64_t num_rows = x.size(0), out_features = w.size(2);
+  where.check(op, "grad_out", grad_out);
+  check_same_dtype(op, "grad_out", grad_out, "x", x);
+  TORCH_CHECK_VALUE(
+      grad_out.dim() == 2 && grad_out.size(0) == num_rows && grad_out.size(1) == out_features, op,
+      ": grad_out must have shape [", num_rows, ", ", out_features,
+      "] (x.shape[0], w.shape[2]), got ", shape_str(grad_out));
 }
 
 }  // namespace smoe
