@@ -99,8 +99,8 @@ class Placement {
 };
 
 // Arguments of route and router_losses, the same on every backend.
-// TODO: the swiglu entry points still repeat their shape and dtype
-// checks per backend: move them here on Placement as the routing ones are.
+// TODO: route_backward (ids, grad_weights) and router_losses_backward (grad_losses,
+// mean_probs) still check some arguments per backend: move those here on Placement too.
 inline bool parse_score(const char* op, std::string_view score) {
   TORCH_CHECK_VALUE(score == "softmax" || score == "sigmoid", op,
                     ": score must be 'softmax' or 'sigmoid', got '", score, "'");
@@ -282,6 +282,29 @@ inline void check_grouped_mm_grad_out(const char* op, const at::Tensor& grad_out
       grad_out.dim() == 2 && grad_out.size(0) == num_rows && grad_out.size(1) == out_features, op,
       ": grad_out must have shape [", num_rows, ", ", out_features,
       "] (x.shape[0], w.shape[2]), got ", shape_str(grad_out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments of swiglu and swiglu_backward.
+
+// gate_up [num_rows, 2 * ffn_size] floating, on `where`.
+inline void check_swiglu_input(const char* op, const at::Tensor& gate_up, const Placement& where) {
+  where.check(op, "gate_up", gate_up);
+  check_rank(op, "gate_up", gate_up, 2, "[num_rows, 2 * ffn_size]");
+  check_floating(op, "gate_up", gate_up);
+  TORCH_CHECK_VALUE(gate_up.size(1) % 2 == 0, op, ": gate_up.shape[1] must be even ",
+                    "([num_rows, 2 * ffn_size]), got shape ", shape_str(gate_up));
+}
+
+// grad_out [num_rows, ffn_size] of swiglu_backward, in the dtype of gate_up, on `where`.
+inline void check_swiglu_grad_out(const char* op, const at::Tensor& grad_out,
+                                  const at::Tensor& gate_up, const Placement& where) {
+  where.check(op, "grad_out", grad_out);
+  check_same_dtype(op, "grad_out", grad_out, "gate_up", gate_up);
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == gate_up.size(0) &&
+                        grad_out.size(1) * 2 == gate_up.size(1),
+                    op, ": grad_out must have shape [", gate_up.size(0), ", ", gate_up.size(1) / 2,
+                    "], got ", shape_str(grad_out));
 }
 
 }  // namespace smoe
