@@ -99,8 +99,8 @@ class Placement {
 };
 
 // Arguments of route and router_losses, the same on every backend.
-// TODO: the dispatch, grouped_mm and swiglu entry points still repeat their shape and dtype
-// checks per backend: move them here on Placement as the routing ones are.
+// TODO: route_backward (ids, grad_weights) and router_losses_backward (grad_losses,
+// mean_probs) still check some arguments per backend: move those here on Placement too.
 inline bool parse_score(const char* op, std::string_view score) {
   TORCH_CHECK_VALUE(score == "softmax" || score == "sigmoid", op,
                     ": score must be 'softmax' or 'sigmoid', got '", score, "'");
@@ -123,17 +123,6 @@ inline void check_groups(const char* op, int64_t k, int64_t num_experts, int64_t
   const int64_t reachable = topk_groups * (num_experts / num_groups);
   TORCH_CHECK_VALUE(k <= reachable, op, ": k must be <= topk_groups * num_experts / ",
                     "num_groups = ", reachable, " (the experts of the kept groups), got ", k);
-}
-
-// ids of dispatch: [num_tokens, topk] int32 or int64, at most int32-many rows in all.
-inline void check_dispatch_ids(const char* op, const at::Tensor& ids, int64_t num_experts) {
-  check_rank(op, "ids", ids, 2, "[num_tokens, topk]");
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op,
-                   ": ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
-  TORCH_CHECK_VALUE(ids.numel() <= std::numeric_limits<int32_t>::max(), op,
-                    ": ids.numel() must fit in int32 (the sorted rows are int32), got ",
-                    ids.numel());
 }
 
 // Accumulation type: float64 stays float64, everything else accumulates in float32.
@@ -173,6 +162,149 @@ inline std::optional<at::Tensor> checked_expert_bias(const char* op,
   check_floating(op, "expert_bias", *bias);
   check_size(op, "expert_bias", *bias, 0, num_experts, "num_experts");
   return bias->to(wdtype).contiguous();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments of dispatch, permute, unpermute and unpermute_backward. Index values (ids in
+// range, inverse a permutation of [0, T * k)) are checked by each backend where it reads
+// them: the CPU on the host, CUDA on the device, without a host sync.
+
+// ids of dispatch: [num_tokens, topk] int32 or int64 on `where`, at most int32-many rows in all.
+inline void check_dispatch_ids(const char* op, const at::Tensor& ids, int64_t num_experts,
+                               const Placement& where) {
+  where.check(op, "ids", ids);
+  check_rank(op, "ids", ids, 2, "[num_tokens, topk]");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op,
+                   ": ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK_VALUE(ids.numel() <= std::numeric_limits<int32_t>::max(), op,
+                    ": ids.numel() must fit in int32 (the sorted rows are int32), got ",
+                    ids.numel());
+}
+
+// inverse [num_tokens, topk] int32 (from dispatch), on `where`.
+inline void check_inverse(const char* op, const at::Tensor& inverse, const Placement& where) {
+  where.check(op, "inverse", inverse);
+  check_rank(op, "inverse", inverse, 2, "[num_tokens, topk] (from smoe_ops.dispatch)");
+  check_dtype(op, "inverse", inverse, at::kInt);
+}
+
+// Hidden rows `name` (x, ys, grad_y): [num_rows, hidden_size] floating, on `where`.
+inline void check_rows(const char* op, const char* name, const at::Tensor& t,
+                       const Placement& where) {
+  where.check(op, name, t);
+  check_rank(op, name, t, 2, "[num_rows, hidden_size]");
+  check_floating(op, name, t);
+}
+
+// weights of unpermute and unpermute_backward, or none: one per slot, the shape of inverse,
+// any floating dtype, on `where`.
+inline void check_weights(const char* op, const std::optional<at::Tensor>& weights,
+                          const at::Tensor& inverse, const Placement& where) {
+  if (!weights.has_value()) return;
+  where.check(op, "weights", *weights);
+  check_floating(op, "weights", *weights);
+  TORCH_CHECK_VALUE(weights->sizes() == inverse.sizes(), op,
+                    ": weights must have the shape of inverse (", shape_str(inverse),
+                    ", [num_tokens, topk]), got shape ", shape_str(*weights));
+}
+
+// permute(x [T, H], inverse [T, k]).
+inline void check_permute_args(const char* op, const at::Tensor& x, const at::Tensor& inverse,
+                               const Placement& where) {
+  check_rows(op, "x", x, where);
+  check_inverse(op, inverse, where);
+  check_size(op, "x", x, 0, inverse.size(0), "inverse.shape[0], the number of tokens");
+}
+
+// ys [T * k, H], the dispatched rows of inverse [T, k] (unpermute: with check_weights).
+inline void check_dispatched_rows(const char* op, const at::Tensor& ys, const at::Tensor& inverse,
+                                  const Placement& where) {
+  check_rows(op, "ys", ys, where);
+  check_inverse(op, inverse, where);
+  check_size(op, "ys", ys, 0, inverse.numel(), "inverse.numel(), the dispatched rows");
+}
+
+// unpermute_backward(grad_y [T, H] in the dtype of ys, ys, inverse, weights).
+inline void check_unpermute_backward_args(const char* op, const at::Tensor& grad_y,
+                                          const at::Tensor& ys, const at::Tensor& inverse,
+                                          const std::optional<at::Tensor>& weights,
+                                          const Placement& where) {
+  check_dispatched_rows(op, ys, inverse, where);
+  check_rows(op, "grad_y", grad_y, where);
+  check_same_dtype(op, "grad_y", grad_y, "ys", ys);
+  check_size(op, "grad_y", grad_y, 0, inverse.size(0), "inverse.shape[0]");
+  check_size(op, "grad_y", grad_y, 1, ys.size(1), "ys.shape[1]");
+  check_weights(op, weights, inverse, where);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments of grouped_mm and grouped_mm_backward. The values of offsets (offsets[0] = 0,
+// non-decreasing, offsets[E] = N) are the backend's to check: the CPU reads them on the host,
+// CUDA checks them on the device.
+
+// x [N, K] floating; w [E, K, M] in the dtype of x; offsets [E + 1] int64; all on `where`.
+inline void check_grouped_mm_args(const char* op, const at::Tensor& x, const at::Tensor& w,
+                                  const at::Tensor& offsets, const Placement& where) {
+  where.check(op, "x", x);
+  where.check(op, "w", w);
+  check_rank(op, "x", x, 2, "[num_rows, in_features]");
+  check_rank(op, "w", w, 3, "[num_experts, in_features, out_features]");
+  check_floating(op, "x", x);
+  check_same_dtype(op, "w", w, "x", x);
+  check_size(op, "w", w, 1, x.size(1), "x.shape[1]");
+  where.check(op, "offsets", offsets);
+  check_rank(op, "offsets", offsets, 1, "[num_experts + 1]");
+  check_dtype(op, "offsets", offsets, at::kLong);
+  check_size(op, "offsets", offsets, 0, w.size(0) + 1, "w.shape[0] + 1");
+}
+
+// bias [E, M] in the dtype of x, on `where`, or none.
+inline void check_grouped_mm_bias(const char* op, const std::optional<at::Tensor>& bias,
+                                  const at::Tensor& x, const at::Tensor& w,
+                                  const Placement& where) {
+  if (!bias.has_value()) return;
+  where.check(op, "bias", *bias);
+  check_rank(op, "bias", *bias, 2, "[num_experts, out_features]");
+  check_same_dtype(op, "bias", *bias, "x", x);
+  check_size(op, "bias", *bias, 0, w.size(0), "w.shape[0]");
+  check_size(op, "bias", *bias, 1, w.size(2), "w.shape[2]");
+}
+
+// grad_out [N, M] of grouped_mm_backward, in the dtype of x, on `where`.
+inline void check_grouped_mm_grad_out(const char* op, const at::Tensor& grad_out,
+                                      const at::Tensor& x, const at::Tensor& w,
+                                      const Placement& where) {
+  const int64_t num_rows = x.size(0), out_features = w.size(2);
+  where.check(op, "grad_out", grad_out);
+  check_same_dtype(op, "grad_out", grad_out, "x", x);
+  TORCH_CHECK_VALUE(
+      grad_out.dim() == 2 && grad_out.size(0) == num_rows && grad_out.size(1) == out_features, op,
+      ": grad_out must have shape [", num_rows, ", ", out_features,
+      "] (x.shape[0], w.shape[2]), got ", shape_str(grad_out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments of swiglu and swiglu_backward.
+
+// gate_up [num_rows, 2 * ffn_size] floating, on `where`.
+inline void check_swiglu_input(const char* op, const at::Tensor& gate_up, const Placement& where) {
+  where.check(op, "gate_up", gate_up);
+  check_rank(op, "gate_up", gate_up, 2, "[num_rows, 2 * ffn_size]");
+  check_floating(op, "gate_up", gate_up);
+  TORCH_CHECK_VALUE(gate_up.size(1) % 2 == 0, op, ": gate_up.shape[1] must be even ",
+                    "([num_rows, 2 * ffn_size]), got shape ", shape_str(gate_up));
+}
+
+// grad_out [num_rows, ffn_size] of swiglu_backward, in the dtype of gate_up, on `where`.
+inline void check_swiglu_grad_out(const char* op, const at::Tensor& grad_out,
+                                  const at::Tensor& gate_up, const Placement& where) {
+  where.check(op, "grad_out", grad_out);
+  check_same_dtype(op, "grad_out", grad_out, "gate_up", gate_up);
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == gate_up.size(0) &&
+                        grad_out.size(1) * 2 == gate_up.size(1),
+                    op, ": grad_out must have shape [", gate_up.size(0), ", ", gate_up.size(1) / 2,
+                    "], got ", shape_str(grad_out));
 }
 
 }  // namespace smoe

@@ -400,6 +400,70 @@ def test_host_checks_name_the_argument(emu):
         emu.route(torch.randn(4, 3), 5, "softmax", True, None, 1, 1, 1.0)
 
 
+def _inverse():
+    return torch.arange(8, dtype=torch.int32).reshape(4, 2)
+
+
+def _grouped(x=None, w=None, offsets=None, bias=None):
+    x = torch.randn(6, 4) if x is None else x
+    w = torch.randn(3, 4, 5) if w is None else w
+    return x, w, offsets_of([2, 0, 4]) if offsets is None else offsets, bias
+
+
+# Shape and dtype errors of the glue, one case per validator of csrc/checks.h that the CPU and
+# CUDA entry points share: each must raise what the CPU kernel raises, word for word.
+SHARED_HOST_CHECKS = {
+    "dispatch-rank": ("dispatch", lambda: (torch.zeros(4, dtype=torch.int32), 2)),
+    "dispatch-dtype": ("dispatch", lambda: (torch.zeros(4, 2), 2)),
+    "dispatch-experts": ("dispatch", lambda: (torch.zeros(4, 2, dtype=torch.int32), 0)),
+    # two bad arguments: the rows are checked before inverse on both backends
+    "permute-order": ("permute", lambda: (torch.ones(4, 5, dtype=torch.int32),
+                                          _inverse().long())),
+    "permute-inverse": ("permute", lambda: (torch.randn(4, 5), _inverse()[0])),
+    "permute-tokens": ("permute", lambda: (torch.randn(3, 5), _inverse())),
+    "unpermute-rows": ("unpermute", lambda: (torch.randn(7, 5), _inverse(), None)),
+    "unpermute-weights": ("unpermute", lambda: (torch.randn(8, 5), _inverse(),
+                                                torch.rand(4, 3))),
+    "unpermute-weights-dtype": ("unpermute", lambda: (torch.randn(8, 5), _inverse(),
+                                                      torch.ones(4, 2, dtype=torch.long))),
+    "unpermute_backward-dtype": ("unpermute_backward", lambda: (
+        torch.randn(4, 5).double(), torch.randn(8, 5), _inverse(), None, False)),
+    "unpermute_backward-hidden": ("unpermute_backward", lambda: (
+        torch.randn(4, 6), torch.randn(8, 5), _inverse(), None, False)),
+    "grouped_mm-x": ("grouped_mm", lambda: _grouped(x=torch.randn(6))),
+    "grouped_mm-w-dtype": ("grouped_mm", lambda: _grouped(w=torch.randn(3, 4, 5).double())),
+    "grouped_mm-w-shape": ("grouped_mm", lambda: _grouped(w=torch.randn(3, 3, 5))),
+    "grouped_mm-offsets-dtype": ("grouped_mm", lambda: _grouped(
+        offsets=offsets_of([2, 0, 4]).int())),
+    "grouped_mm-offsets-size": ("grouped_mm", lambda: _grouped(offsets=offsets_of([2, 4]))),
+    "grouped_mm-bias": ("grouped_mm", lambda: _grouped(bias=torch.randn(3, 4))),
+    "grouped_mm-bias-dtype": ("grouped_mm", lambda: _grouped(bias=torch.randn(3, 5).half())),
+    "grouped_mm_backward-grad": ("grouped_mm_backward", lambda: (
+        torch.randn(6, 4), *_grouped()[:3], [True] * 3)),
+    "grouped_mm_backward-grad-dtype": ("grouped_mm_backward", lambda: (
+        torch.randn(6, 5).double(), *_grouped()[:3], [True] * 3)),
+    "swiglu-rank": ("swiglu", lambda: (torch.randn(4, 6, 2),)),
+    "swiglu-odd": ("swiglu", lambda: (torch.randn(4, 5),)),
+    "swiglu-dtype": ("swiglu", lambda: (torch.ones(4, 6, dtype=torch.int32),)),
+    "swiglu_backward-grad": ("swiglu_backward", lambda: (torch.randn(4, 2),
+                                                         torch.randn(4, 6))),
+    "swiglu_backward-grad-dtype": ("swiglu_backward", lambda: (torch.randn(4, 3).double(),
+                                                               torch.randn(4, 6))),
+}
+
+
+@pytest.mark.parametrize("case", SHARED_HOST_CHECKS)
+def test_host_checks_raise_what_the_cpu_kernel_raises(emu, case):
+    op, make_args = SHARED_HOST_CHECKS[case]
+    with pytest.raises(Exception) as on_cpu:
+        getattr(cpu, op)(*make_args())
+    with pytest.raises(Exception) as on_emu:
+        getattr(emu, op)(*make_args())
+    assert on_emu.type is on_cpu.type
+    assert on_emu.type in (ValueError, TypeError)
+    assert str(on_emu.value).splitlines()[0] == str(on_cpu.value).splitlines()[0]
+
+
 # ---- the emulator itself -------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, message", [

@@ -147,9 +147,7 @@ void dispatch_kernel(const id_t* ids, int64_t topk, int64_t num_slots, int64_t n
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& ids_in,
                                                             int64_t num_experts) {
   // validate
-  const char* op = "smoe_ops.dispatch";
-  check_cpu(op, "ids", ids_in);
-  check_dispatch_ids(op, ids_in, num_experts);
+  check_dispatch_ids("smoe_ops.dispatch", ids_in, num_experts, Placement::cpu());
 
   // allocate
   auto ids = ids_in.contiguous();
@@ -168,13 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& id
 }
 
 // ---------------------------------------------------------------------------------------------
-// Checks shared by permute, unpermute and unpermute_backward.
-
-void check_inverse_layout(const char* op, const at::Tensor& inverse) {
-  check_cpu(op, "inverse", inverse);
-  check_rank(op, "inverse", inverse, 2, "[num_tokens, topk] (from smoe_ops.dispatch)");
-  check_dtype(op, "inverse", inverse, at::kInt);
-}
+// The values of inverse, checked on the host by permute, unpermute and unpermute_backward
+// (their layouts: checks.h).
 
 void check_row_index(const char* op, const at::Tensor& inverse, int64_t slot, int32_t row) {
   const int64_t num_rows = inverse.numel(), topk = inverse.size(1);
@@ -217,20 +210,6 @@ std::vector<int32_t> slot_of_rows(const char* op, const at::Tensor& inverse) {
   return slot_of_row;
 }
 
-void check_weights(const char* op, const at::Tensor& weights, const at::Tensor& inverse) {
-  check_cpu(op, "weights", weights);
-  check_floating(op, "weights", weights);
-  TORCH_CHECK_VALUE(weights.sizes() == inverse.sizes(), op,
-                    ": weights must have the shape of inverse (", shape_str(inverse),
-                    ", [num_tokens, topk]), got shape ", shape_str(weights));
-}
-
-void check_rows(const char* op, const char* name, const at::Tensor& t) {
-  check_cpu(op, name, t);
-  check_rank(op, name, t, 2, "[num_rows, hidden_size]");
-  check_floating(op, name, t);
-}
-
 // Weights in the accumulation type of rows of `dtype` (contiguous), or undefined for none.
 at::Tensor acc_weights(const std::optional<at::Tensor>& weights, at::ScalarType dtype) {
   if (!weights) return at::Tensor();
@@ -248,9 +227,7 @@ const acc_t<scalar_t>* data_or_null(const at::Tensor& t) {
 at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& inverse_in) {
   // validate
   const char* op = "smoe_ops.permute";
-  check_rows(op, "x", x_in);
-  check_inverse_layout(op, inverse_in);
-  check_size(op, "x", x_in, 0, inverse_in.size(0), "inverse.shape[0], the number of tokens");
+  check_permute_args(op, x_in, inverse_in, Placement::cpu());
   auto inverse = inverse_in.contiguous();
   const std::vector<int32_t> slot_of_row = slot_of_rows(op, inverse);
 
@@ -343,10 +320,8 @@ at::Tensor unpermute_cpu(const at::Tensor& ys_in, const at::Tensor& inverse_in,
                          const std::optional<at::Tensor>& weights_in) {
   // validate
   const char* op = "smoe_ops.unpermute";
-  check_rows(op, "ys", ys_in);
-  check_inverse_layout(op, inverse_in);
-  check_size(op, "ys", ys_in, 0, inverse_in.numel(), "inverse.numel(), the dispatched rows");
-  if (weights_in) check_weights(op, *weights_in, inverse_in);
+  check_dispatched_rows(op, ys_in, inverse_in, Placement::cpu());
+  check_weights(op, weights_in, inverse_in, Placement::cpu());
   auto inverse = inverse_in.contiguous();
   check_inverse_range(op, inverse);
 
@@ -421,14 +396,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
     const std::optional<at::Tensor>& weights_in, bool weights_grad) {
   // validate
   const char* op = "smoe_ops.unpermute_backward";
-  check_rows(op, "ys", ys_in);
-  check_inverse_layout(op, inverse_in);
-  check_size(op, "ys", ys_in, 0, inverse_in.numel(), "inverse.numel(), the dispatched rows");
-  check_rows(op, "grad_y", grad_y_in);
-  check_same_dtype(op, "grad_y", grad_y_in, "ys", ys_in);
-  check_size(op, "grad_y", grad_y_in, 0, inverse_in.size(0), "inverse.shape[0]");
-  check_size(op, "grad_y", grad_y_in, 1, ys_in.size(1), "ys.shape[1]");
-  if (weights_in) check_weights(op, *weights_in, inverse_in);
+  check_unpermute_backward_args(op, grad_y_in, ys_in, inverse_in, weights_in, Placement::cpu());
   auto inverse = inverse_in.contiguous();
   const std::vector<int32_t> slot_of_row = slot_of_rows(op, inverse);
 

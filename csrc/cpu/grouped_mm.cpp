@@ -279,23 +279,10 @@ void grouped_bias_grad(const at::Tensor& grad_out, const std::vector<int64_t>& o
                                  [&] { bias_grad_typed<scalar_t>(grad_out, offsets, grad_bias); });
 }
 
-void check_x_w(const char* op, const at::Tensor& x, const at::Tensor& w) {
-  check_cpu(op, "x", x);
-  check_cpu(op, "w", w);
-  check_rank(op, "x", x, 2, "[num_rows, in_features]");
-  check_rank(op, "w", w, 3, "[num_experts, in_features, out_features]");
-  check_floating(op, "x", x);
-  check_same_dtype(op, "w", w, "x", x);
-  check_size(op, "w", w, 1, x.size(1), "x.shape[1]");
-}
-
-// Checks offsets against E = w.shape[0] and N = x.shape[0] and returns them as host values.
+// The values of offsets (their layout: check_grouped_mm_args), checked against N = x.shape[0]
+// and returned as host values.
 std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offsets, int64_t num_experts,
                                   int64_t num_rows) {
-  check_cpu(op, "offsets", offsets);
-  check_rank(op, "offsets", offsets, 1, "[num_experts + 1]");
-  check_dtype(op, "offsets", offsets, at::kLong);
-  check_size(op, "offsets", offsets, 0, num_experts + 1, "w.shape[0] + 1");
   auto acc = offsets.accessor<int64_t, 1>();
   std::vector<int64_t> values(acc.size(0));
   for (int64_t i = 0; i <= num_experts; ++i) values[i] = acc[i];
@@ -310,15 +297,6 @@ std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offsets, int
   return values;
 }
 
-void check_bias(const char* op, const at::Tensor& bias, const at::Tensor& x,
-                const at::Tensor& w) {
-  check_cpu(op, "bias", bias);
-  check_rank(op, "bias", bias, 2, "[num_experts, out_features]");
-  check_same_dtype(op, "bias", bias, "x", x);
-  check_size(op, "bias", bias, 0, w.size(0), "w.shape[0]");
-  check_size(op, "bias", bias, 1, w.size(2), "w.shape[2]");
-}
-
 at::Tensor empty_unless(bool needed, at::IntArrayRef sizes, const at::TensorOptions& options) {
   return needed ? at::empty(sizes, options) : at::empty({0}, options);
 }
@@ -328,9 +306,9 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   // validate
   const char* op = "smoe_ops.grouped_mm";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // see run_tasks
-  check_x_w(op, x_in, w_in);
+  check_grouped_mm_args(op, x_in, w_in, offsets_in, Placement::cpu());
   auto offsets = read_offsets(op, offsets_in, w_in.size(0), x_in.size(0));
-  if (bias.has_value()) check_bias(op, *bias, x_in, w_in);
+  check_grouped_mm_bias(op, bias, x_in, w_in, Placement::cpu());
 
   // allocate
   auto out = at::empty({x_in.size(0), w_in.size(2)}, x_in.options());
@@ -349,16 +327,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cpu(
   // validate
   const char* op = "smoe_ops.grouped_mm_backward";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // see run_tasks
-  check_x_w(op, x_in, w_in);
+  check_grouped_mm_args(op, x_in, w_in, offsets_in, Placement::cpu());
   auto offsets = read_offsets(op, offsets_in, w_in.size(0), x_in.size(0));
+  check_grouped_mm_grad_out(op, grad_out_in, x_in, w_in, Placement::cpu());
   const int64_t num_rows = x_in.size(0), num_experts = w_in.size(0);
   const int64_t in_features = w_in.size(1), out_features = w_in.size(2);
-  check_cpu(op, "grad_out", grad_out_in);
-  check_same_dtype(op, "grad_out", grad_out_in, "x", x_in);
-  TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == num_rows &&
-                        grad_out_in.size(1) == out_features,
-                    op, ": grad_out must have shape [", num_rows, ", ", out_features,
-                    "] (x.shape[0], w.shape[2]), got ", shape_str(grad_out_in));
 
   // allocate: unrequested gradients are empty [0] tensors
   const auto options = x_in.options();

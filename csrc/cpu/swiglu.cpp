@@ -96,14 +96,6 @@ void swiglu_backward_row(const scalar_t* grad, const scalar_t* gate, const scala
   }
 }
 
-void check_gate_up(const char* op, const at::Tensor& gate_up) {
-  check_cpu(op, "gate_up", gate_up);
-  check_rank(op, "gate_up", gate_up, 2, "[num_rows, 2 * ffn_size]");
-  check_floating(op, "gate_up", gate_up);
-  TORCH_CHECK_VALUE(gate_up.size(1) % 2 == 0, op, ": gate_up.shape[1] must be even ",
-                    "([num_rows, 2 * ffn_size]), got shape ", shape_str(gate_up));
-}
-
 // Rows per parallel task: enough work per task to amortize scheduling (~16k elements).
 int64_t row_grain(int64_t ffn_size) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, ffn_size));
@@ -111,7 +103,7 @@ int64_t row_grain(int64_t ffn_size) {
 
 at::Tensor swiglu_cpu(const at::Tensor& gate_up_in) {
   // validate
-  check_gate_up("smoe_ops.swiglu", gate_up_in);
+  check_swiglu_input("smoe_ops.swiglu", gate_up_in, Placement::cpu());
 
   // allocate
   auto gate_up = gate_up_in.contiguous();
@@ -135,13 +127,8 @@ at::Tensor swiglu_cpu(const at::Tensor& gate_up_in) {
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& gate_up_in) {
   // validate
   const char* op = "smoe_ops.swiglu_backward";
-  check_gate_up(op, gate_up_in);
-  check_cpu(op, "grad_out", grad_out_in);
-  check_same_dtype(op, "grad_out", grad_out_in, "gate_up", gate_up_in);
-  TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == gate_up_in.size(0) &&
-                        grad_out_in.size(1) * 2 == gate_up_in.size(1),
-                    op, ": grad_out must have shape [", gate_up_in.size(0), ", ",
-                    gate_up_in.size(1) / 2, "], got ", shape_str(grad_out_in));
+  check_swiglu_input(op, gate_up_in, Placement::cpu());
+  check_swiglu_grad_out(op, grad_out_in, gate_up_in, Placement::cpu());
 
   // allocate
   auto gate_up = gate_up_in.contiguous();

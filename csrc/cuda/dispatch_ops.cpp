@@ -16,8 +16,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cuda(const at::Tensor& i
                                                              int64_t num_experts) {
   // validate
   const char* op = "smoe_ops.dispatch";
-  check_cuda(op, "ids", ids_in);
-  check_dispatch_ids(op, ids_in, num_experts);
+  check_dispatch_ids(op, ids_in, num_experts, Placement::cuda("ids", ids_in));
+  // CUDA only: the kernels hold an expert id in an int (dispatch.cu), the CPU one in int64.
   TORCH_CHECK_VALUE(num_experts <= std::numeric_limits<int32_t>::max(), op,
                     ": num_experts must fit in int32, got ", num_experts);
   const DeviceGuard guard(ids_in.device());
@@ -42,28 +42,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cuda(const at::Tensor& i
   return {order, offsets, inverse};
 }
 
-void check_inverse_layout(const char* op, const at::Tensor& inverse) {
-  check_cuda(op, "inverse", inverse);
-  check_rank(op, "inverse", inverse, 2, "[num_tokens, topk] (from smoe_ops.dispatch)");
-  check_dtype(op, "inverse", inverse, at::kInt);
-}
-
-void check_weights(const char* op, const at::Tensor& weights, const at::Tensor& inverse) {
-  check_cuda(op, "weights", weights);
-  check_same_device(op, "weights", weights, "inverse", inverse);
-  check_floating(op, "weights", weights);
-  TORCH_CHECK_VALUE(weights.sizes() == inverse.sizes(), op,
-                    ": weights must have the shape of inverse (", shape_str(inverse),
-                    ", [num_tokens, topk]), got shape ", shape_str(weights));
-}
-
-void check_rows(const char* op, const char* name, const at::Tensor& t, const at::Tensor& inverse) {
-  check_cuda(op, name, t);
-  check_same_device(op, name, t, "inverse", inverse);
-  check_rank(op, name, t, 2, "[num_rows, hidden_size]");
-  check_floating(op, name, t);
-}
-
 // Weights in the accumulation type of rows of `dtype` (contiguous), or undefined for none.
 at::Tensor acc_weights(const std::optional<at::Tensor>& weights, at::ScalarType dtype) {
   if (!weights) return at::Tensor();
@@ -77,9 +55,7 @@ const void* data_or_null(const at::Tensor& t) {
 at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& inverse_in) {
   // validate
   const char* op = "smoe_ops.permute";
-  check_inverse_layout(op, inverse_in);
-  check_rows(op, "x", x_in, inverse_in);
-  check_size(op, "x", x_in, 0, inverse_in.size(0), "inverse.shape[0], the number of tokens");
+  check_permute_args(op, x_in, inverse_in, Placement::cuda("x", x_in));
   const DeviceGuard guard(x_in.device());
 
   // allocate
@@ -107,10 +83,9 @@ at::Tensor unpermute_cuda(const at::Tensor& ys_in, const at::Tensor& inverse_in,
                           const std::optional<at::Tensor>& weights_in) {
   // validate (the row range: on the device)
   const char* op = "smoe_ops.unpermute";
-  check_inverse_layout(op, inverse_in);
-  check_rows(op, "ys", ys_in, inverse_in);
-  check_size(op, "ys", ys_in, 0, inverse_in.numel(), "inverse.numel(), the dispatched rows");
-  if (weights_in) check_weights(op, *weights_in, inverse_in);
+  const Placement where = Placement::cuda("ys", ys_in);
+  check_dispatched_rows(op, ys_in, inverse_in, where);
+  check_weights(op, weights_in, inverse_in, where);
   const DeviceGuard guard(ys_in.device());
 
   // allocate
@@ -135,14 +110,8 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
     const std::optional<at::Tensor>& weights_in, bool weights_grad) {
   // validate
   const char* op = "smoe_ops.unpermute_backward";
-  check_inverse_layout(op, inverse_in);
-  check_rows(op, "ys", ys_in, inverse_in);
-  check_size(op, "ys", ys_in, 0, inverse_in.numel(), "inverse.numel(), the dispatched rows");
-  check_rows(op, "grad_y", grad_y_in, inverse_in);
-  check_same_dtype(op, "grad_y", grad_y_in, "ys", ys_in);
-  check_size(op, "grad_y", grad_y_in, 0, inverse_in.size(0), "inverse.shape[0]");
-  check_size(op, "grad_y", grad_y_in, 1, ys_in.size(1), "ys.shape[1]");
-  if (weights_in) check_weights(op, *weights_in, inverse_in);
+  check_unpermute_backward_args(op, grad_y_in, ys_in, inverse_in, weights_in,
+                                Placement::cuda("ys", ys_in));
   const DeviceGuard guard(ys_in.device());
 
   // allocate: grad_weights in the accumulation type, cast to the weights dtype at the end.

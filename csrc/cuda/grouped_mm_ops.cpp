@@ -11,37 +11,15 @@
 namespace smoe {
 namespace {
 
-void check_x_w(const char* op, const at::Tensor& x, const at::Tensor& w) {
-  check_cuda(op, "x", x);
-  check_cuda(op, "w", w);
-  check_same_device(op, "w", w, "x", x);
-  check_rank(op, "x", x, 2, "[num_rows, in_features]");
-  check_rank(op, "w", w, 3, "[num_experts, in_features, out_features]");
-  check_floating(op, "x", x);
-  check_same_dtype(op, "w", w, "x", x);
-  check_size(op, "w", w, 1, x.size(1), "x.shape[1]");
-}
+// Every tensor on the CUDA device of x.
+Placement on_x_device(const at::Tensor& x) { return Placement::cuda("x", x); }
 
-void check_offsets(const char* op, const at::Tensor& offsets, const at::Tensor& x,
-                   int64_t num_experts) {
-  check_cuda(op, "offsets", offsets);
-  check_same_device(op, "offsets", offsets, "x", x);
-  check_rank(op, "offsets", offsets, 1, "[num_experts + 1]");
-  check_dtype(op, "offsets", offsets, at::kLong);
-  check_size(op, "offsets", offsets, 0, num_experts + 1, "w.shape[0] + 1");
-  // offsets[0] = 0 and offsets[E] = N, so with no experts there can be no rows.
+// CUDA only: offsets[0] = 0 and offsets[E] = N, so with no experts there can be no rows. The
+// device checks the offsets' values, but with no experts nothing is launched, so the host checks
+// this one from the shapes alone; the CPU reads the values and fails on them instead.
+void check_rows_without_experts(const char* op, const at::Tensor& x, int64_t num_experts) {
   TORCH_CHECK_VALUE(num_experts > 0 || x.size(0) == 0, op, ": offsets[0] must equal ",
                     "x.shape[0] (", x.size(0), ") when w has no experts");
-}
-
-void check_bias(const char* op, const at::Tensor& bias, const at::Tensor& x,
-                const at::Tensor& w) {
-  check_cuda(op, "bias", bias);
-  check_same_device(op, "bias", bias, "x", x);
-  check_rank(op, "bias", bias, 2, "[num_experts, out_features]");
-  check_same_dtype(op, "bias", bias, "x", x);
-  check_size(op, "bias", bias, 0, w.size(0), "w.shape[0]");
-  check_size(op, "bias", bias, 1, w.size(2), "w.shape[2]");
 }
 
 at::Tensor empty_unless(bool needed, at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -67,9 +45,9 @@ at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& w,
                            const at::Tensor& offsets_in, const std::optional<at::Tensor>& bias) {
   // validate
   const char* op = "smoe_ops.grouped_mm";
-  check_x_w(op, x_in, w);
-  check_offsets(op, offsets_in, x_in, w.size(0));
-  if (bias.has_value()) check_bias(op, *bias, x_in, w);
+  check_grouped_mm_args(op, x_in, w, offsets_in, on_x_device(x_in));
+  check_rows_without_experts(op, x_in, w.size(0));
+  check_grouped_mm_bias(op, bias, x_in, w, on_x_device(x_in));
   const DeviceGuard guard(x_in.device());
 
   // allocate
@@ -89,17 +67,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
     const at::Tensor& offsets_in, std::array<bool, 3> output_mask) {
   // validate
   const char* op = "smoe_ops.grouped_mm_backward";
-  check_x_w(op, x_in, w);
-  check_offsets(op, offsets_in, x_in, w.size(0));
+  check_grouped_mm_args(op, x_in, w, offsets_in, on_x_device(x_in));
+  check_rows_without_experts(op, x_in, w.size(0));
+  check_grouped_mm_grad_out(op, grad_out_in, x_in, w, on_x_device(x_in));
   const int64_t num_rows = x_in.size(0), num_experts = w.size(0);
   const int64_t in_features = w.size(1), out_features = w.size(2);
-  check_cuda(op, "grad_out", grad_out_in);
-  check_same_device(op, "grad_out", grad_out_in, "x", x_in);
-  check_same_dtype(op, "grad_out", grad_out_in, "x", x_in);
-  TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == num_rows &&
-                        grad_out_in.size(1) == out_features,
-                    op, ": grad_out must have shape [", num_rows, ", ", out_features,
-                    "] (x.shape[0], w.shape[2]), got ", shape_str(grad_out_in));
   const DeviceGuard guard(x_in.device());
 
   // allocate: unrequested gradients are empty [0] tensors

@@ -7,18 +7,14 @@
 namespace smoe {
 namespace {
 
-void check_gate_up(const char* op, const at::Tensor& gate_up) {
-  check_cuda(op, "gate_up", gate_up);
-  check_rank(op, "gate_up", gate_up, 2, "[num_rows, 2 * ffn_size]");
-  check_floating(op, "gate_up", gate_up);
-  TORCH_CHECK_VALUE(gate_up.size(1) % 2 == 0, op, ": gate_up.shape[1] must be even ",
-                    "([num_rows, 2 * ffn_size]), got shape ", shape_str(gate_up));
+// Every tensor on the CUDA device of gate_up.
+Placement on_gate_up_device(const at::Tensor& gate_up) {
+  return Placement::cuda("gate_up", gate_up);
 }
 
 at::Tensor swiglu_cuda(const at::Tensor& gate_up_in) {
   // validate
-  const char* op = "smoe_ops.swiglu";
-  check_gate_up(op, gate_up_in);
+  check_swiglu_input("smoe_ops.swiglu", gate_up_in, on_gate_up_device(gate_up_in));
   const DeviceGuard guard(gate_up_in.device());
 
   // allocate
@@ -36,14 +32,8 @@ at::Tensor swiglu_cuda(const at::Tensor& gate_up_in) {
 at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& gate_up_in) {
   // validate
   const char* op = "smoe_ops.swiglu_backward";
-  check_gate_up(op, gate_up_in);
-  check_cuda(op, "grad_out", grad_out_in);
-  check_same_device(op, "grad_out", grad_out_in, "gate_up", gate_up_in);
-  check_same_dtype(op, "grad_out", grad_out_in, "gate_up", gate_up_in);
-  TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == gate_up_in.size(0) &&
-                        grad_out_in.size(1) * 2 == gate_up_in.size(1),
-                    op, ": grad_out must have shape [", gate_up_in.size(0), ", ",
-                    gate_up_in.size(1) / 2, "], got ", shape_str(grad_out_in));
+  check_swiglu_input(op, gate_up_in, on_gate_up_device(gate_up_in));
+  check_swiglu_grad_out(op, grad_out_in, gate_up_in, on_gate_up_device(gate_up_in));
   const DeviceGuard guard(gate_up_in.device());
 
   // allocate
