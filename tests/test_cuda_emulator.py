@@ -66,6 +66,10 @@ ROUTES = [
     (9, 257, 8, "softmax", True, False, 1, 1, 1.0),  # E > 256, not a multiple of 32
     (9, 256, 8, "sigmoid", True, True, 8, 4, 2.5),  # DeepSeek-V3 router
     (9, 33, 33, "sigmoid", False, True, 1, 1, 1.0),
+    # Groups of whole warp slots (G a multiple of 32), scored from the register cache.
+    (40, 512, 8, "sigmoid", True, True, 4, 2, 1.0),  # 4 slots per group
+    (33, 64, 4, "softmax", True, True, 2, 1, 1.0),
+    (17, 96, 6, "sigmoid", False, False, 3, 2, 1.0),  # a fourth slot past the row
     # E > 512: a block per row
     (5, 600, 8, "softmax", True, False, 1, 1, 1.0),
     (3, 1024, 16, "sigmoid", True, True, 16, 4, 2.5),
@@ -142,6 +146,22 @@ def test_route_blocks_loop_over_rows_and_count_in_shared_memory(emu, monkeypatch
         assert int(counts.sum()) == T * k
         close(w, w_ref, torch.float32)
     assert int(counts[3]) == T
+
+
+@pytest.mark.parametrize("E, groups", [(256, 8), (96, 3), (60, 6)])  # cached, cached, not
+def test_grouped_route_ties_equal_the_cpu_kernel(emu, E, groups):
+    # Logits from three values: keys and group scores tie everywhere, so the order (key
+    # descending, id ascending, groups likewise) decides every pick.
+    gen = torch.Generator().manual_seed(E)
+    logits = torch.randint(0, 3, (50, E), generator=gen).float()
+    bias = torch.randint(0, 2, (E,), generator=gen).float() * 0.5
+    for expert_bias in (None, bias):
+        args = (8, "sigmoid", True, expert_bias, groups, 2, 1.0)
+        w, ids, counts = emu.route(logits, *args)
+        w_ref, ids_ref, counts_ref = cpu.route(logits, *args)
+        assert_equal(ids, ids_ref)
+        assert_equal(counts, counts_ref)
+        close(w, w_ref, torch.float32)
 
 
 def test_route_matches_the_float64_reference(emu):

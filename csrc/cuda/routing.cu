@@ -24,7 +24,9 @@
 //   needs to be stored. A warp keeps its lanes' keys in registers (S = ceil(E / 32) slots,
 //   S a power of two up to kMaxSlots: the key of each entry, an exp and a divide, is computed
 //   once, not k times); a block recomputes them from the logits (in L1) on each pass. Group
-//   scores go to a [T, num_groups] global workspace (members over groups), then the
+//   scores (the sum of a group's top two keys) go to a [T, num_groups] global workspace:
+//   from the register cache by one warp top-2 per group where a group is whole slots
+//   (G % 32 == 0, e.g. DeepSeek-V3), else members own whole groups and recompute keys; then the
 //   topk_groups-th best group is found the same way, and an expert is eligible when its
 //   group ranks at or above it. Blocks loop over rows (as many blocks as the device holds at
 //   once) and count the picks in shared memory, flushed once per block (see kSharedCounts).
@@ -72,6 +74,18 @@ __device__ __forceinline__ void warp_best(A& q, int32_t& id) {
       q = other_q;
       id = other_id;
     }
+  }
+}
+
+// Top two of the warp's (best, second) pairs, every lane getting the result. Values only: a
+// group's score is best + second whichever entries hold them.
+template <typename A>
+__device__ __forceinline__ void warp_top2(A& best, A& second) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const A other_best = __shfl_xor_sync(0xffffffffu, best, offset);
+    const A other_second = __shfl_xor_sync(0xffffffffu, second, offset);
+    second = fmax(fmin(best, other_best), fmax(second, other_second));
+    best = fmax(best, other_best);
   }
 }
 
@@ -199,24 +213,58 @@ __device__ __forceinline__ void route_row(const RouteArgs<T>& args, int64_t t, c
     return rank_key(q);
   };
 
+  // The member's cached keys: entries rank + i * kSize, i < S (0 past the row).
+  A cached[S > 0 ? S : 1];
+  if constexpr (S > 0) {
+    static_assert(S <= 32, "one candidate bit per slot");
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const int64_t e = rank + int64_t(i) * kSize;
+      cached[i] = e < E ? key(e) : A(0);
+    }
+  }
+
   // Groups: the threshold group (gq, gid) is the topk_groups-th best; kept = at or above it.
   const int64_t G = E / args.num_groups;
   A gq = neg_inf<A>();
   int32_t gid = INT32_MAX;
   A* group_score = args.group_scores + t * args.num_groups;
   if (args.num_groups > 1) {
-    // Members own whole groups here but strided entries in the key cache below, so grouped
-    // rows compute each key twice. TODO: share them (shuffles) if gpu_check.sh's DeepSeek
-    // route rows show the keys, not the passes, dominate.
-    for (int64_t g = rank; g < args.num_groups; g += kSize) {
-      A best = neg_inf<A>(), second = neg_inf<A>();
-      for (int64_t e = g * G; e < (g + 1) * G; ++e) {
-        const A v = key(e);
-        const A low = fmin(v, best);
-        best = fmax(v, best);
-        second = fmax(low, second);
+    auto top2 = [](A v, A& best, A& second) {
+      second = fmax(fmin(v, best), second);
+      best = fmax(v, best);
+    };
+    // A warp whose groups are whole slots (G a multiple of 32, as DeepSeek-V3's 8 groups of
+    // 32) scores them from its cached keys: slots [g * G / 32, (g + 1) * G / 32) are group
+    // g, one warp top-2 each. Otherwise members own whole groups and compute their keys
+    // again. TODO: share the keys for other group sizes too if gpu_check.sh's grouped route
+    // rows show the keys, not the passes, dominate.
+    bool from_cache = false;
+    if constexpr (S > 0 && Team::kSize == kWarp) {
+      if (G % kWarp == 0) {
+        from_cache = true;
+        // Slot indices stay compile-time (cached[] stays in registers); the group's end is a
+        // warp-uniform branch.
+        const int slots_per_group = int(G / kWarp);
+        A best = neg_inf<A>(), second = neg_inf<A>();
+#pragma unroll
+        for (int i = 0; i < S; ++i) {
+          top2(cached[i], best, second);
+          const int g = i / slots_per_group;
+          if ((i + 1) % slots_per_group == 0 && g < args.num_groups) {
+            warp_top2(best, second);
+            if (rank == 0) group_score[g] = rank_key(best + second);
+            best = second = neg_inf<A>();
+          }
+        }
       }
-      group_score[g] = rank_key(G == 1 ? best : best + second);
+    }
+    if (!from_cache) {
+      for (int64_t g = rank; g < args.num_groups; g += kSize) {
+        A best = neg_inf<A>(), second = neg_inf<A>();
+        for (int64_t e = g * G; e < (g + 1) * G; ++e) top2(key(e), best, second);
+        group_score[g] = rank_key(G == 1 ? best : best + second);
+      }
     }
     team.sync();
     A prev_q = std::numeric_limits<A>::infinity();
@@ -246,17 +294,13 @@ __device__ __forceinline__ void route_row(const RouteArgs<T>& args, int64_t t, c
     return v > gq || (v == gq && g <= gid);
   };
 
-  // The member's cached keys, and which of them are candidates (inside the row and kept).
-  A cached[S > 0 ? S : 1];
+  // Which cached keys are candidates (inside the row and kept).
   uint32_t candidates = 0;
   if constexpr (S > 0) {
-    static_assert(S <= 32, "one candidate bit per slot");
 #pragma unroll
     for (int i = 0; i < S; ++i) {
       const int64_t e = rank + int64_t(i) * kSize;
-      const bool candidate = e < E && kept(e);
-      cached[i] = candidate ? key(e) : A(0);
-      candidates |= uint32_t(candidate) << i;
+      candidates |= uint32_t(e < E && kept(e)) << i;
     }
   }
 
