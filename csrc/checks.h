@@ -98,9 +98,7 @@ class Placement {
   const at::Tensor* anchor_;
 };
 
-// Arguments of route and router_losses, the same on every backend.
-// TODO: route_backward (ids, grad_weights) and router_losses_backward (grad_losses,
-// mean_probs) still check some arguments per backend: move those here on Placement too.
+// Arguments of route, router_losses and their backwards, the same on every backend.
 inline bool parse_score(const char* op, std::string_view score) {
   TORCH_CHECK_VALUE(score == "softmax" || score == "sigmoid", op,
                     ": score must be 'softmax' or 'sigmoid', got '", score, "'");
@@ -305,6 +303,42 @@ inline void check_swiglu_grad_out(const char* op, const at::Tensor& grad_out,
                         grad_out.size(1) * 2 == gate_up.size(1),
                     op, ": grad_out must have shape [", gate_up.size(0), ", ", gate_up.size(1) / 2,
                     "], got ", shape_str(grad_out));
+}
+
+// route_backward's ids [num_tokens, k] int32 and grad_weights (the shape of ids, the weight
+// type of the logits), on `where`; returns k. The ids' values are the backend's to check.
+inline int64_t check_route_backward_args(const char* op, const at::Tensor& ids,
+                                         const at::Tensor& grad_weights, const at::Tensor& logits,
+                                         const Placement& where) {
+  where.check(op, "ids", ids);
+  check_rank(op, "ids", ids, 2, "[num_tokens, k]");
+  check_dtype(op, "ids", ids, at::kInt);
+  check_size(op, "ids", ids, 0, logits.size(0), "num_tokens");
+  const int64_t k = ids.size(1);
+  check_k(op, k, logits.size(1));
+  where.check(op, "grad_weights", grad_weights);
+  check_rank(op, "grad_weights", grad_weights, 2, "[num_tokens, k]");
+  check_dtype(op, "grad_weights", grad_weights, weight_dtype(logits.scalar_type()));
+  TORCH_CHECK_VALUE(grad_weights.sizes() == ids.sizes(), op,
+                    ": grad_weights must have the shape of ids ", shape_str(ids), ", got ",
+                    shape_str(grad_weights));
+  return k;
+}
+
+// router_losses_backward's grad_losses [4] and mean_probs [num_experts], both in the weight
+// type of the logits, on `where`.
+inline void check_router_losses_backward_args(const char* op, const at::Tensor& grad_losses,
+                                              const at::Tensor& mean_probs,
+                                              const at::Tensor& logits, const Placement& where) {
+  const auto wdtype = weight_dtype(logits.scalar_type());
+  where.check(op, "grad_losses", grad_losses);
+  check_rank(op, "grad_losses", grad_losses, 1, "[4]");
+  check_size(op, "grad_losses", grad_losses, 0, 4, "the number of losses");
+  check_dtype(op, "grad_losses", grad_losses, wdtype);
+  where.check(op, "mean_probs", mean_probs);
+  check_rank(op, "mean_probs", mean_probs, 1, "[num_experts]");
+  check_size(op, "mean_probs", mean_probs, 0, logits.size(1), "num_experts");
+  check_dtype(op, "mean_probs", mean_probs, wdtype);
 }
 
 }  // namespace smoe

@@ -462,6 +462,21 @@ SHARED_HOST_CHECKS = {
         torch.randn(6, 4), *_grouped()[:3], [True] * 3)),
     "grouped_mm_backward-grad-dtype": ("grouped_mm_backward", lambda: (
         torch.randn(6, 5).double(), *_grouped()[:3], [True] * 3)),
+    "route_backward-ids-dtype": ("route_backward", lambda: (
+        torch.randn(4, 2), torch.randn(4, 6), torch.zeros(4, 2, dtype=torch.long), "softmax",
+        True, 1.0)),
+    "route_backward-k": ("route_backward", lambda: (
+        torch.randn(4, 7), torch.randn(4, 6), torch.zeros(4, 7, dtype=torch.int32), "softmax",
+        True, 1.0)),
+    "route_backward-grad-shape": ("route_backward", lambda: (
+        torch.randn(4, 3), torch.randn(4, 6), torch.zeros(4, 2, dtype=torch.int32), "softmax",
+        True, 1.0)),
+    "router_losses_backward-grad-size": ("router_losses_backward", lambda: (
+        torch.randn(3), torch.randn(4, 6), torch.zeros(6, dtype=torch.int32), 2,
+        torch.rand(6))),
+    "router_losses_backward-mean-dtype": ("router_losses_backward", lambda: (
+        torch.randn(4), torch.randn(4, 6), torch.zeros(6, dtype=torch.int32), 2,
+        torch.rand(6).double())),
     "swiglu-rank": ("swiglu", lambda: (torch.randn(4, 6, 2),)),
     "swiglu-odd": ("swiglu", lambda: (torch.randn(4, 5),)),
     "swiglu-dtype": ("swiglu", lambda: (torch.ones(4, 6, dtype=torch.int32),)),

@@ -790,18 +790,8 @@ at::Tensor route_backward_cpu(const at::Tensor& grad_weights_in, const at::Tenso
   check_logits(op, logits_in, Placement::cpu());
   const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
   const bool sigmoid = parse_score(op, score);
-  check_cpu(op, "ids", ids_in);
-  check_rank(op, "ids", ids_in, 2, "[num_tokens, k]");
-  check_dtype(op, "ids", ids_in, at::kInt);
-  check_size(op, "ids", ids_in, 0, num_tokens, "num_tokens");
-  const int64_t k = ids_in.size(1);
-  check_k(op, k, num_experts);
-  check_cpu(op, "grad_weights", grad_weights_in);
-  check_rank(op, "grad_weights", grad_weights_in, 2, "[num_tokens, k]");
-  check_dtype(op, "grad_weights", grad_weights_in, weight_dtype(logits_in.scalar_type()));
-  TORCH_CHECK_VALUE(grad_weights_in.sizes() == ids_in.sizes(), op,
-                    ": grad_weights must have the shape of ids ", shape_str(ids_in), ", got ",
-                    shape_str(grad_weights_in));
+  const int64_t k =
+      check_route_backward_args(op, ids_in, grad_weights_in, logits_in, Placement::cpu());
   if (ids_in.numel() > 0) {
     auto [lo, hi] = at::aminmax(ids_in);
     TORCH_CHECK_INDEX(lo.item<int32_t>() >= 0 && hi.item<int32_t>() < num_experts, op,
@@ -856,15 +846,8 @@ at::Tensor router_losses_backward_cpu(const at::Tensor& grad_losses_in,
   const int64_t num_experts = logits_in.size(1);
   check_counts(op, counts_in, num_experts, Placement::cpu());
   TORCH_CHECK_VALUE(k >= 1, op, ": k must be >= 1, got ", k);
-  const auto wdtype = weight_dtype(logits_in.scalar_type());
-  check_cpu(op, "grad_losses", grad_losses_in);
-  check_rank(op, "grad_losses", grad_losses_in, 1, "[4]");
-  check_size(op, "grad_losses", grad_losses_in, 0, 4, "the number of losses");
-  check_dtype(op, "grad_losses", grad_losses_in, wdtype);
-  check_cpu(op, "mean_probs", mean_probs_in);
-  check_rank(op, "mean_probs", mean_probs_in, 1, "[num_experts]");
-  check_size(op, "mean_probs", mean_probs_in, 0, num_experts, "num_experts");
-  check_dtype(op, "mean_probs", mean_probs_in, wdtype);
+  check_router_losses_backward_args(op, grad_losses_in, mean_probs_in, logits_in,
+                                    Placement::cpu());
 
   // allocate
   auto logits = logits_in.contiguous();

@@ -63,20 +63,8 @@ at::Tensor route_backward_cuda(const at::Tensor& grad_weights_in, const at::Tens
   check_logits(op, logits_in, on_logits_device(logits_in));
   const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
   const bool sigmoid = parse_score(op, std::string_view(score.data(), score.size()));
-  check_cuda(op, "ids", ids_in);
-  check_same_device(op, "ids", ids_in, "logits", logits_in);
-  check_rank(op, "ids", ids_in, 2, "[num_tokens, k]");
-  check_dtype(op, "ids", ids_in, at::kInt);
-  check_size(op, "ids", ids_in, 0, num_tokens, "num_tokens");
-  const int64_t k = ids_in.size(1);
-  check_k(op, k, num_experts);
-  check_cuda(op, "grad_weights", grad_weights_in);
-  check_same_device(op, "grad_weights", grad_weights_in, "logits", logits_in);
-  check_rank(op, "grad_weights", grad_weights_in, 2, "[num_tokens, k]");
-  check_dtype(op, "grad_weights", grad_weights_in, weight_dtype(logits_in.scalar_type()));
-  TORCH_CHECK_VALUE(grad_weights_in.sizes() == ids_in.sizes(), op,
-                    ": grad_weights must have the shape of ids ", shape_str(ids_in), ", got ",
-                    shape_str(grad_weights_in));
+  const int64_t k = check_route_backward_args(op, ids_in, grad_weights_in, logits_in,
+                                              on_logits_device(logits_in));
   const DeviceGuard guard(logits_in.device());
 
   // allocate
@@ -130,17 +118,9 @@ at::Tensor router_losses_backward_cuda(const at::Tensor& grad_losses_in,
   const int64_t num_tokens = logits_in.size(0), num_experts = logits_in.size(1);
   check_counts(op, counts_in, num_experts, on_logits_device(logits_in));
   TORCH_CHECK_VALUE(k >= 1, op, ": k must be >= 1, got ", k);
+  check_router_losses_backward_args(op, grad_losses_in, mean_probs_in, logits_in,
+                                    on_logits_device(logits_in));
   const auto wdtype = weight_dtype(logits_in.scalar_type());
-  check_cuda(op, "grad_losses", grad_losses_in);
-  check_same_device(op, "grad_losses", grad_losses_in, "logits", logits_in);
-  check_rank(op, "grad_losses", grad_losses_in, 1, "[4]");
-  check_size(op, "grad_losses", grad_losses_in, 0, 4, "the number of losses");
-  check_dtype(op, "grad_losses", grad_losses_in, wdtype);
-  check_cuda(op, "mean_probs", mean_probs_in);
-  check_same_device(op, "mean_probs", mean_probs_in, "logits", logits_in);
-  check_rank(op, "mean_probs", mean_probs_in, 1, "[num_experts]");
-  check_size(op, "mean_probs", mean_probs_in, 0, num_experts, "num_experts");
-  check_dtype(op, "mean_probs", mean_probs_in, wdtype);
   const DeviceGuard guard(logits_in.device());
 
   // allocate
