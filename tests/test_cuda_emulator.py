@@ -13,6 +13,7 @@ between blocks, alignment faults, the real hardware's mma rounding.
 """
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -523,6 +524,20 @@ def test_the_emulator_schedule_exposes_a_missing_barrier(emu):
 
 
 # ---- memory: AddressSanitizer over the whole file ------------------------------------------
+
+def test_a_fiber_stack_overflow_faults_on_the_guard_page(emu):
+    from tests import cuda_emulator
+
+    if cuda_emulator.sanitizer() is not None:
+        pytest.skip("AddressSanitizer reports the overflow itself")
+    # Just past the 256 KiB fiber stack: the process must die of SIGSEGV at the guard page
+    # rather than run on over the mapping below (without the guard page this test fails).
+    done = subprocess.run(
+        [sys.executable, "-c", "from tests import cuda_emulator; "
+         "cuda_emulator.load().emulator_selftest('stack_overflow')"],
+        capture_output=True, text=True, timeout=600, cwd=cuda_emulator.ROOT)
+    assert done.returncode == -signal.SIGSEGV, done.stderr[-2000:]
+
 
 def test_the_kernels_pass_address_sanitizer():
     """Every test above again, with the emulator built under AddressSanitizer (the stand-in

@@ -1,6 +1,7 @@
 // The CUDA emulator's runtime: fibers, the block scheduler, barriers, warp collectives, the
 // m16n8k16 tensor-core product, and the error state. The model is in cuda_emulator.h.
 #include <sys/mman.h>
+#include <unistd.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -50,16 +51,24 @@ struct LaneSlot {
   uint32_t in[kMaxWords] = {}, out[kMaxWords] = {};
 };
 
+// A fiber's stack, with an inaccessible guard page below it: a kernel that overflows its stack
+// faults at once instead of writing over whatever mapping lies below (another fiber's stack,
+// or a tensor), which would corrupt later, unrelated work in the process.
 struct Stack {
-  void* base = nullptr;
+  void* mapping = nullptr;
+  void* base = nullptr;  // kStackBytes usable, above the guard page
+  size_t guard = 0;
   Stack() {
-    base = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base == MAP_FAILED) {
+    guard = size_t(sysconf(_SC_PAGESIZE));
+    mapping = mmap(nullptr, guard + kStackBytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mapping == MAP_FAILED || mprotect(mapping, guard, PROT_NONE) != 0) {
       std::fprintf(stderr, "smoe_ops CUDA emulator: cannot map a fiber stack\n");
       std::abort();
     }
+    base = static_cast<char*>(mapping) + guard;
   }
-  ~Stack() { munmap(base, kStackBytes); }
+  ~Stack() { munmap(mapping, guard + kStackBytes); }
 };
 
 // The state of the grid being run. Launches are serialized (g_launch_mutex), so one exists.

@@ -47,6 +47,17 @@ __global__ void trap_kernel(int32_t* out) {
   out[threadIdx.x] = 1;
 }
 
+// Recursion that writes every frame, 256 frames of a little over 1 KiB: just past a fiber's
+// 256 KiB stack. It must fault on the guard page; without one it writes, silently, into the
+// mapping below (the next fiber's stack).
+__device__ int32_t deep(int32_t depth) {
+  volatile char frame[1024];
+  frame[0] = char(depth);
+  return depth == 0 ? frame[0] : deep(depth - 1) + frame[0];
+}
+
+__global__ void stack_overflow_kernel(int32_t* out) { out[threadIdx.x] = deep(256); }
+
 at::Tensor emulator_selftest(c10::string_view name_view) {
   const std::string name(name_view.data(), name_view.size());
   auto out = at::zeros({64}, at::kInt);
@@ -64,6 +75,8 @@ at::Tensor emulator_selftest(c10::string_view name_view) {
     SMOE_LAUNCH(1, 64, 0, s, publish_kernel<false>)(p);
   } else if (name == "trap") {
     SMOE_LAUNCH(1, 64, 0, s, trap_kernel)(p);
+  } else if (name == "stack_overflow") {
+    SMOE_LAUNCH(1, 32, 0, s, stack_overflow_kernel)(p);
   } else if (name == "empty_grid") {
     SMOE_LAUNCH(0, 64, 0, s, trap_kernel)(p);
   } else {
