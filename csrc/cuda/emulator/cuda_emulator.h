@@ -5,8 +5,9 @@
 //
 // Model (what holds, and what an emulated run can and cannot show):
 //   - A launch runs its blocks one after another. Each CUDA thread of a block is a fiber (its
-//     own 256 KiB stack over a guard page: an overflow faults) on the calling OS thread; a fiber runs until it reaches a synchronization
-//     point (__syncthreads, a warp collective, exit), and the scheduler then picks the next
+//     own 256 KiB stack over a guard page: an overflow faults) on the calling OS thread; a
+//     fiber runs until it reaches a synchronization point (__syncthreads, a warp collective,
+//     exit), and the scheduler then picks the next
 //     ready fiber: mostly by a random ranking of the warps (so one warp runs as far ahead of
 //     the others as the barriers allow), sometimes uniformly; seeded by
 //     SMOE_CUDA_EMULATOR_SEED (default 1). A missing __syncthreads or __syncwarp therefore
