@@ -31,9 +31,10 @@
 //   packs: see gemm_tile_pipelined): cp.async into a two-stage shared-memory ring and ldmatrix
 //   fragments, the same 2 x 2 warps of mma.sync; the register-staged tile above serves every
 //   other case.
-// TODO: no split of grad_w's reduction for an expert with most rows, no wgmma/TMA path for
-//   sm_90a, tiles fixed at 64 x 64: tune them once gpu_check.sh has measured this version
-//   against torch._grouped_mm.
+// TODO: no wgmma/TMA path for sm_90a (needed to match torch._grouped_mm there), no split of
+//   grad_w's reduction for an expert that holds most rows (the benchmark shapes still give
+//   such an expert 384 or more 64 x 64 tiles), tile sizes 64 x 64 and 128 x 128 only: tune
+//   them once gpu_check.sh has measured this version against torch._grouped_mm.
 // Reference: smoe_ops.reference.grouped_mm; CPU twin: csrc/cpu/grouped_mm.cpp.
 #include <atomic>
 
