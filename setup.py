@@ -154,6 +154,10 @@ def cuda_extension(home: str):
         "-O3",
         "--expt-relaxed-constexpr",
         "-lineinfo",
+        # C++17 on every torch: the kernels include no torch header, and torch 2.11 (often
+        # what a GPU machine carries) builds as C++17 where 2.13 builds as C++20; so CI's
+        # build compiles the kernels as the card's will.
+        "-std=c++17",
         # Kernels are plain .cu files without ATen; torch's half-operator switches only matter
         # to ATen's own types.
         "-DSMOE_OPS_WITH_CUDA",

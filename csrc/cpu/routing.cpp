@@ -49,7 +49,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -583,9 +582,9 @@ void route_kernel(const at::Tensor& logits, const std::optional<at::Tensor>& bia
       for (int64_t j = 0; j < k; ++j) ++local_counts[ids_out[t * k + j]];
     }
     for (int64_t e = 0; e < E; ++e) {
+      // The GCC / Clang builtin, not std::atomic_ref: torch 2.11 builds extensions as C++17.
       if (local_counts[e] != 0) {
-        std::atomic_ref<int32_t>(counts_out[e]).fetch_add(local_counts[e],
-                                                          std::memory_order_relaxed);
+        __atomic_fetch_add(&counts_out[e], local_counts[e], __ATOMIC_RELAXED);
       }
     }
   });
