@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 exec > >(tee gpu_check.log) 2>&1
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the GPU image: a plain python3 holds torch
 start=$(date +%s)
 stage() { echo; echo "=== $1 ($(( $(date +%s) - start )) s) ==="; }
 status=0
