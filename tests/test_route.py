@@ -363,6 +363,22 @@ def test_selection_follows_the_exact_scores_where_float32_scores_tie():
     assert_close(r.weights, expected.weights, torch.float32)
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_finite_rows_whose_sum_overflows_select_on_the_logits(score, device):
+    # Every entry is finite, but a running sum overflows in some orders of addition (the CPU
+    # kernel's and the CUDA team's orders differ; this row's sequential sum is inf). Such a row
+    # must take the path of finite rows on every backend: selection on the logits, the order
+    # of the exact scores. sigmoid(20) and sigmoid(30) round to 1 in float32 (the scored path
+    # would pick expert 4 by the tie); float64 tells them apart, so sigmoid is checked against
+    # the reference. Softmax scores of 20 and 30 underflow to 0 even in float64.
+    logits = torch.tensor([[3e38, 3e38, -3e38, -3e38, 20.0, 30.0],
+                           [20.0, 3e38, -3e38, 30.0, 3e38, -3e38]])
+    out = smoe_ops.route(logits.to(device), 3, score)
+    assert out.ids.tolist() == [[0, 1, 5], [1, 4, 3]]
+    if score == "sigmoid":
+        check_against_reference(logits, 3, score, True, None, None, None, 1.0, device)
+
+
 def test_assignments_beyond_int32_counts_are_refused():
     # 2^28 tokens * k = 8 assignments overflow int32 counts; a stride-0 view keeps it cheap,
     # and the check must come before anything is allocated or read.

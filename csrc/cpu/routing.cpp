@@ -330,14 +330,15 @@ int64_t keep_at_least(const float* key, int64_t n, float bound, int32_t* kept) {
   return m;
 }
 
-// Sum of a row: finite exactly when no entry is NaN or +-inf (barring overflow, which only
-// sends a row to the general path).
+// Whether no entry is NaN or +-inf: x - x is 0 for a finite x and NaN otherwise, so the sum
+// is 0 or NaN in any order of addition. A plain row sum could overflow in one order and not
+// in another, and the CUDA kernel, which sums in another order, must take the same path.
 SMOE_MULTIVERSION
-float row_sum_f32(const float* x, int64_t n) {
+bool all_finite_f32(const float* x, int64_t n) {
   float acc = 0;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += x[i];
-  return acc;
+  for (int64_t i = 0; i < n; ++i) acc += x[i] - x[i];
+  return acc == 0;
 }
 
 SMOE_MULTIVERSION
@@ -516,7 +517,7 @@ void finish_weights(const RouteConfig& c, T* weights) {
 // such a row all NaN, which ranks differently).
 bool route_row_on_logits(const float* x, const RouteConfig& c, TopK& topk, float* weights,
                          int32_t* ids) {
-  if (!std::isfinite(row_sum_f32(x, c.num_experts))) return false;
+  if (!all_finite_f32(x, c.num_experts)) return false;
   topk.select(x, c.num_experts, c.k, ids);
   const float top = x[ids[0]];
   for (int64_t j = 0; j < c.k; ++j) {

@@ -184,18 +184,19 @@ __device__ __forceinline__ void route_row(const RouteArgs<T>& args, int64_t t, c
   const int64_t E = args.E, k = args.k;
   const T* x = args.logits + t * E;
 
-  // Softmax statistics (also decide the on-logits path: a finite row sum).
-  A m = neg_inf<A>(), row_sum = 0;
+  // Softmax statistics, and whether the row is finite (which decides the on-logits path): a
+  // sum of v - v, 0 or NaN in any order of addition, so the CPU kernel decides alike.
+  A m = neg_inf<A>(), nonfinite = 0;
   for (int64_t e = rank; e < E; e += kSize) {
     const A v = to_acc(x[e]);
     m = fmax(m, v);
-    row_sum += v;
+    nonfinite += v - v;
   }
   m = team.max(m);
-  row_sum = team.sum(row_sum);
+  nonfinite = team.sum(nonfinite);
   const bool on_logits = std::is_same_v<A, float> && args.bias == nullptr &&
                          args.num_groups == 1 && (args.sigmoid || args.renormalize) &&
-                         isfinite(row_sum);
+                         nonfinite == 0;
   A inv_sum = 1;
   if (!args.sigmoid && !on_logits) {
     A sum = 0;
