@@ -114,39 +114,50 @@ __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Blocks of `threads` threads that the current device holds at once (multiprocessors times
-// 2048 / threads, the sm_80 / sm_90 thread limit): the grid of a kernel whose blocks loop
-// over their rows, so that per-block state (route's counts in shared memory) is flushed once
-// per resident block, not once per row. Asked once per device (the emulator: every time, as
-// its tests change the count); 0 when the runtime cannot say, and the caller then launches a
-// block per item.
-inline int64_t resident_blocks(int threads) {
-  auto ask = []() -> int64_t {
-    int device = 0, multiprocessors = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device) !=
-            cudaSuccess) {
-      cudaGetLastError();  // clear it: one block per item serves
-      return 0;
-    }
-    return multiprocessors;
-  };
+// Blocks of `kernel` (`threads` threads, no dynamic shared memory) that the current device
+// holds at once: multiprocessors times the kernel's occupancy, which counts its registers and
+// static shared memory, not only the thread limit (on sm_90 the bf16 route warp kernel with 8
+// slots, 62 registers, fits 4 blocks of 256 threads, not 8; sm_86 / sm_89 hold 1536 threads,
+// not 2048). A larger grid would run as a partial second wave. 0 when the runtime cannot say.
+template <typename Kernel>
+int64_t ask_resident_blocks(Kernel kernel, int threads) {
+  int device = 0, multiprocessors = 0, per_multiprocessor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device) !=
+          cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, threads, 0) !=
+          cudaSuccess) {
+    cudaGetLastError();  // clear the query's error: the caller then launches a block per item
+    return 0;
+  }
+  return int64_t{multiprocessors} * per_multiprocessor;
+}
+
+// ask_resident_blocks for Kernel, asked once per device: the grid of a kernel whose blocks
+// loop over their rows, so that per-block state (route's counts in shared memory) is flushed
+// once per resident block, not once per row. Each kernel must always be launched with the
+// same `threads` (the cache is per kernel and device). The emulator asks every time, as its
+// tests change the multiprocessor count.
+template <auto Kernel>
+int64_t resident_blocks(int threads) {
 #ifdef SMOE_CUDA_EMULATE
-  return ask() * (2048 / threads);
+  return ask_resident_blocks(Kernel, threads);
 #else
   constexpr int kMaxDevices = 64;
   static std::atomic<int64_t> known[kMaxDevices] = {};  // -1: asked, failed; 0: not asked
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+  if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
-    return ask() * (2048 / threads);
+    return 0;
   }
-  if (known[device].load(std::memory_order_relaxed) == 0) {
-    const int64_t multiprocessors = ask();
-    known[device].store(multiprocessors > 0 ? multiprocessors : -1, std::memory_order_relaxed);
+  if (device < 0 || device >= kMaxDevices) return ask_resident_blocks(Kernel, threads);
+  int64_t blocks = known[device].load(std::memory_order_relaxed);
+  if (blocks == 0) {
+    blocks = ask_resident_blocks(Kernel, threads);
+    if (blocks <= 0) blocks = -1;
+    known[device].store(blocks, std::memory_order_relaxed);
   }
-  const int64_t multiprocessors = known[device].load(std::memory_order_relaxed);
-  return multiprocessors > 0 ? multiprocessors * (2048 / threads) : 0;
+  return blocks > 0 ? blocks : 0;
 #endif
 }
 

@@ -704,10 +704,11 @@ __global__ void __launch_bounds__(kThreads)
 
 unsigned row_blocks(int64_t T) { return static_cast<unsigned>(ceil_div(T, kRowsPerBlock)); }
 
-// The grid of a kernel whose blocks loop over `items`: one block per item up to the blocks
+// The grid of Kernel, whose blocks loop over `items`: one block per item up to the blocks
 // the device holds at once.
+template <auto Kernel>
 unsigned looping_grid(int64_t items, int threads) {
-  const int64_t resident = resident_blocks(threads);
+  const int64_t resident = resident_blocks<Kernel>(threads);
   return static_cast<unsigned>(resident > 0 ? std::min(items, resident) : items);
 }
 
@@ -737,14 +738,14 @@ cudaError_t route(DType dtype, const void* logits, const void* bias, int64_t T, 
     return with_slots(E, [&](auto slots) {
       constexpr int S = decltype(slots)::value;
       if constexpr (S > 0) {
-        SMOE_LAUNCH(looping_grid(row_blocks(T), kThreads), kThreads, 0, stream,
-                    route_warp_kernel<T_, S>)(args);
+        const unsigned grid = looping_grid<route_warp_kernel<T_, S>>(row_blocks(T), kThreads);
+        SMOE_LAUNCH(grid, kThreads, 0, stream, route_warp_kernel<T_, S>)(args);
       } else if (E <= kSharedCounts) {
-        SMOE_LAUNCH(looping_grid(T, kBlockTeam), kBlockTeam, 0, stream,
-                    route_block_kernel<T_, true>)(args);
+        const unsigned grid = looping_grid<route_block_kernel<T_, true>>(T, kBlockTeam);
+        SMOE_LAUNCH(grid, kBlockTeam, 0, stream, route_block_kernel<T_, true>)(args);
       } else {
-        SMOE_LAUNCH(looping_grid(T, kBlockTeam), kBlockTeam, 0, stream,
-                    route_block_kernel<T_, false>)(args);
+        const unsigned grid = looping_grid<route_block_kernel<T_, false>>(T, kBlockTeam);
+        SMOE_LAUNCH(grid, kBlockTeam, 0, stream, route_block_kernel<T_, false>)(args);
       }
       return cudaGetLastError();
     });

@@ -84,6 +84,16 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void* fu
 enum cudaDeviceAttr : int { cudaDevAttrMultiProcessorCount = 16 };
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device);
+// Blocks of block_size threads per multiprocessor: the thread limit, 2048 / block_size (the
+// emulator models no registers); block_size must be in [1, 1024], as on a device.
+cudaError_t emulated_occupancy(int* blocks, int block_size, size_t dynamic_shared_bytes);
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel kernel,
+                                                          int block_size,
+                                                          size_t dynamic_shared_bytes) {
+  (void)kernel;
+  return emulated_occupancy(blocks, block_size, dynamic_shared_bytes);
+}
 
 cudaError_t cudaGetLastError();
 const char* cudaGetErrorString(cudaError_t error);

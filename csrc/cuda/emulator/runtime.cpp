@@ -572,6 +572,16 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int dev
   return cudaSuccess;
 }
 
+cudaError_t emulated_occupancy(int* blocks, int block_size, size_t dynamic_shared_bytes) {
+  if (block_size < 1 || block_size > 1024 || dynamic_shared_bytes > 48 * 1024) {
+    smoe::emu::set_error(cudaErrorInvalidValue,
+                         "cudaOccupancyMaxActiveBlocksPerMultiprocessor: bad block size");
+    return cudaErrorInvalidValue;
+  }
+  *blocks = 2048 / block_size;
+  return cudaSuccess;
+}
+
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream) {
   (void)stream;
   std::memset(ptr, value, bytes);
