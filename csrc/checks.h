@@ -82,9 +82,11 @@ inline void check_size(const char* op, const char* name, const at::Tensor& t, in
 class Placement {
  public:
   static Placement cpu() { return Placement(nullptr, nullptr); }
+  // Keeps the anchor's address: the anchor must outlive the Placement (a temporary may not).
   static Placement cuda(const char* anchor_name, const at::Tensor& anchor) {
     return Placement(anchor_name, &anchor);
   }
+  static Placement cuda(const char* anchor_name, at::Tensor&& anchor) = delete;
   void check(const char* op, const char* name, const at::Tensor& t) const {
     if (anchor_ == nullptr) return check_cpu(op, name, t);
     check_cuda(op, name, t);

@@ -126,6 +126,36 @@ def test_route_ties_nan_and_inf_rows_equal_the_cpu_kernel(emu, E):
             torch.testing.assert_close(w, w_ref, equal_nan=True)
 
 
+# Groups with NaN and infinite keys: an all-NaN softmax row, -inf logits, and a bias with
+# +inf and -inf, so that one group's top-2 sums to NaN (it ranks as -inf). Each group path:
+# whole warp slots from the register cache (G = 32), members recomputing keys (G = 10), and a
+# block per row (E > 512).
+@pytest.mark.parametrize("E, groups, topk_groups", [(256, 8, 4), (60, 6, 2), (600, 8, 3)])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_grouped_route_nan_and_inf_keys_equal_the_cpu_kernel(emu, E, groups, topk_groups,
+                                                              score):
+    nan, inf = float("nan"), float("inf")
+    G = E // groups
+    gen = torch.Generator().manual_seed(E)
+    logits = torch.randn(6, E, generator=gen)
+    logits[1] = nan
+    logits[2, ::3] = -inf
+    logits[3, G:2 * G] = inf
+    logits[4, 5] = nan
+    bias = torch.randn(E, generator=gen) * 0.1
+    bias[:G] = -inf
+    bias[0] = inf  # group 0's top-2 is (inf, -inf), whose sum is NaN
+    bias[G + 1] = -inf
+    bias[2 * G + 2] = inf
+    for renorm in (True, False):
+        args = (4, score, renorm, bias, groups, topk_groups, 1.0)
+        w, ids, counts = emu.route(logits, *args)
+        w_ref, ids_ref, counts_ref = cpu.route(logits, *args)
+        assert_equal(ids, ids_ref)
+        assert_equal(counts, counts_ref)
+        torch.testing.assert_close(w, w_ref, equal_nan=True)
+
+
 # Blocks loop over rows (the grid is the blocks the device holds at once: 8 per emulated
 # multiprocessor) and count their picks in shared memory; rows wider than 4096 experts count
 # straight into the output. One multiprocessor: every block routes many rows.
