@@ -187,6 +187,9 @@ inline void check_inverse(const char* op, const at::Tensor& inverse, const Place
   where.check(op, "inverse", inverse);
   check_rank(op, "inverse", inverse, 2, "[num_tokens, topk] (from smoe_ops.dispatch)");
   check_dtype(op, "inverse", inverse, at::kInt);
+  TORCH_CHECK_VALUE(inverse.numel() <= std::numeric_limits<int32_t>::max(), op,
+                    ": inverse.numel() must fit in int32 (it indexes int32 rows), got ",
+                    inverse.numel());
 }
 
 // Hidden rows `name` (x, ys, grad_y): [num_rows, hidden_size] floating, on `where`.

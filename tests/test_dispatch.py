@@ -358,6 +358,15 @@ def _inverse(num_tokens=4, topk=2, num_experts=3):
         (lambda: ops.unpermute_backward(torch.randn(1, 5), torch.randn(2, 5),
                                         torch.tensor([[1, 1]], dtype=torch.int32), None, False),
          ValueError, r"unpermute_backward: inverse\[0, 1\] = 1 repeats inverse\[0, 0\]"),
+        # Rows of width 0 move nothing, but inverse is still checked.
+        (lambda: ops.unpermute(torch.empty(4, 0), torch.tensor([[0, 1], [2, 9]],
+                                                               dtype=torch.int32), None),
+         IndexError, r"unpermute: inverse\[1, 1\] = 9 is out of range"),
+        # 2^31 rows overflow the int32 row indices; stride-0 views keep it cheap, so the check
+        # must come before anything is made contiguous or read.
+        (lambda: ops.permute(torch.zeros(1, 4).expand(2**31, 4),
+                             torch.zeros(1, 1, dtype=torch.int32).expand(2**31, 1)), ValueError,
+         r"permute: inverse.numel\(\) must fit in int32 .*got 2147483648"),
     ],
 )  # fmt: skip
 def test_bad_input_names_the_argument(call, error, match):

@@ -94,10 +94,11 @@ at::Tensor unpermute_cuda(const at::Tensor& ys_in, const at::Tensor& inverse_in,
   auto weights = acc_weights(weights_in, ys.scalar_type());
   const int64_t num_tokens = inverse.size(0), topk = inverse.size(1), hidden = ys.size(1);
   auto y = at::empty({num_tokens, hidden}, ys.options());
-  if (y.numel() == 0) return y;
+  if (num_tokens == 0) return y;
   if (topk == 0) return y.zero_();  // an empty sum
 
-  // launch
+  // launch: also with hidden == 0, where the kernel only checks inverse's range (the CPU
+  // kernel checks it whatever the width).
   SMOE_CUDA_CHECK(cuda::unpermute(kernel_dtype(ys), ys.const_data_ptr(),
                                   inverse.const_data_ptr<int32_t>(), data_or_null(weights),
                                   num_tokens, topk, hidden, inverse.numel(),
