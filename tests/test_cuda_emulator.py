@@ -297,6 +297,29 @@ def test_permute_unpermute_equal_the_cpu_kernel(emu, dtype, H, weighted):
                   scale=50)
 
 
+@pytest.mark.parametrize("dtype, offset", [(torch.float32, 1), (torch.bfloat16, 4),
+                                           (torch.bfloat16, 8)])
+def test_permute_unpermute_of_offset_views_equal_the_cpu_kernel(emu, dtype, offset):
+    # Views whose storage starts `offset` elements in: rows of 64 elements are whole 16-byte
+    # packs, but a start 4 or 8 bytes off must take the one-element path (the emulator fails
+    # a misaligned 16-byte access, as a GPU does); 8 bfloat16 elements in is aligned again.
+    T, k, E, H = 13, 2, 5, 64
+    gen = torch.Generator().manual_seed(offset)
+    _, _, inverse = cpu.dispatch(routed(T, k, E), E)
+
+    def view(rows):
+        return torch.randn(rows * H + offset, generator=gen).to(dtype)[offset:].view(rows, H)
+
+    x, ys, grad_y = view(T), view(T * k), view(T)
+    w = torch.rand(T, k, generator=gen)
+    assert_equal(emu.permute(x, inverse), cpu.permute(x, inverse))
+    close(emu.unpermute(ys, inverse, w), cpu.unpermute(ys, inverse, w), dtype)
+    g_ys, g_w = emu.unpermute_backward(grad_y, ys, inverse, w, True)
+    g_ys_ref, g_w_ref = cpu.unpermute_backward(grad_y, ys, inverse, w, True)
+    close(g_ys, g_ys_ref, dtype)
+    close(g_w, g_w_ref, torch.float32, scale=50)
+
+
 # ---- grouped_mm ----------------------------------------------------------------------------
 
 def offsets_of(counts):
@@ -350,10 +373,14 @@ def test_grouped_mm_matches_the_float64_reference(emu, case, dtype, layout):
     assert_close(grad_b, b64.grad, dtype=dtype, scale=max(1.0, rows / 8))
 
 
-def test_grouped_mm_below_sm80_takes_the_register_staged_tile(emu, monkeypatch):
+# (machine code, PTX it came from): an sm_75 device; and an sm_90 device running code the
+# driver compiled from compute_75 PTX (a "7.5+PTX" build), which has no tensor cores either.
+@pytest.mark.parametrize("arch, ptx", [("75", "75"), ("90", "75")])
+def test_grouped_mm_below_sm80_takes_the_register_staged_tile(emu, monkeypatch, arch, ptx):
     """On a device without sm_80 code the launchers must not pick the pipelined tile (under
     the emulator it then traps, as its sm_75 build would)."""
-    monkeypatch.setenv("SMOE_CUDA_EMULATOR_ARCH", "75")
+    monkeypatch.setenv("SMOE_CUDA_EMULATOR_ARCH", arch)
+    monkeypatch.setenv("SMOE_CUDA_EMULATOR_PTX", ptx)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(90, 48, generator=gen).to(torch.bfloat16)
     w = torch.randn(3, 48, 72, generator=gen).to(torch.bfloat16)
@@ -432,6 +459,9 @@ def test_row_writers_reject_an_inverse_that_is_not_a_permutation(emu):
     outside = torch.tensor([[0, 1], [2, 4]], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"smoe_ops.unpermute: inverse\[1, 1\] = 4 is out"):
         emu.unpermute(torch.randn(4, 8), outside, None)
+    # Rows of width 0: nothing moves, but the range is still checked, as on the CPU.
+    with pytest.raises(RuntimeError, match=r"smoe_ops.unpermute: inverse\[1, 1\] = 4 is out"):
+        emu.unpermute(torch.empty(4, 0), outside, None)
 
 
 def test_grouped_mm_bad_offsets_fail_on_the_device_with_their_message(emu):
@@ -440,6 +470,31 @@ def test_grouped_mm_bad_offsets_fail_on_the_device_with_their_message(emu):
         emu.grouped_mm(x, w, torch.tensor([0, 4, 2]), None)
     with pytest.raises(RuntimeError, match=r"offsets\[2\] must equal x.shape\[0\] \(6\)"):
         emu.grouped_mm(x, w, torch.tensor([0, 2, 5]), None)
+    # More column tiles than a grid's y dimension holds: refused on the host, by name (a
+    # stride-0 w keeps it cheap).
+    wide = torch.zeros(1, 4, 1).expand(1, 4, 65535 * 64 + 1)
+    with pytest.raises(ValueError, match=r"w.shape\[2\] must be at most 4194240 on CUDA"):
+        emu.grouped_mm(torch.randn(2, 4), wide, torch.tensor([0, 2]), None)
+    tall = torch.zeros(1, 1, 3).expand(1, 65535 * 64 + 1, 3)
+    with pytest.raises(ValueError, match=r"w.shape\[1\] must be at most 4194240 on CUDA"):
+        emu.grouped_mm_backward(torch.randn(2, 3), torch.randn(2, 65535 * 64 + 1), tall,
+                                torch.tensor([0, 2]), [True, False, False])
+    # An empty product (no rows, no columns, no experts) computes nothing but still checks
+    # offsets, as the CPU kernel does; so does the backward with no experts.
+    empty_cases = [
+        (torch.randn(0, 4), torch.randn(2, 4, 3), [0, 3, 0], r"offsets must be non-decreasing"),
+        (x, torch.randn(2, 4, 0), [0, 2, 5], r"offsets\[2\] must equal x.shape\[0\] \(6\)"),
+        (torch.randn(0, 4), torch.randn(0, 4, 3), [5], r"offsets\[0\] must be 0, got 5"),
+    ]
+    for rows, weights, offsets, message in empty_cases:
+        offsets = torch.tensor(offsets)
+        with pytest.raises(ValueError, match=message):
+            cpu.grouped_mm(rows, weights, offsets, None)
+        with pytest.raises(RuntimeError, match=message):
+            emu.grouped_mm(rows, weights, offsets, None)
+        grad_out = torch.randn(rows.shape[0], weights.shape[2])
+        with pytest.raises(RuntimeError, match=message):
+            emu.grouped_mm_backward(grad_out, rows, weights, offsets, [True, True, True])
 
 
 def test_route_backward_bad_id_fails_on_the_device(emu):

@@ -161,11 +161,23 @@ int64_t resident_blocks(int threads) {
 #endif
 }
 
+// A `bytes`-wide access at p must be `bytes`-aligned: on a GPU a misaligned vector access
+// faults (misaligned address). The emulator checks it and fails the launch, so that a vector
+// path taken for a misaligned view shows in the tests; the device build compiles it away.
+__device__ __forceinline__ void expect_aligned(const void* p, size_t bytes) {
+#ifdef SMOE_CUDA_EMULATE
+  emu::check_aligned(p, bytes);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // Whether the code running was compiled with tensor cores (SMOE_HAS_MMA) for this device; the
 // emulator answers for the architecture it emulates (SMOE_CUDA_EMULATOR_ARCH).
 __device__ __forceinline__ bool has_mma() {
 #ifdef SMOE_CUDA_EMULATE
-  return emu::binary_version() >= 80;
+  return emu::ptx_version() >= 80;
 #else
   return SMOE_HAS_MMA;
 #endif

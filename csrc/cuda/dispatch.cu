@@ -94,6 +94,10 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
 }
 
 // Exclusive scan of hist in (expert, chunk) order; hist is stored [chunks, E].
+// TODO: store hist [E, chunks] (the count and scatter kernels index it either way) and scan
+// several entries per thread, if gpu_check.sh shows dispatch at large T * E slow: the scan
+// reads with a stride of E entries, one block walks every 1024-entry tile in sequence (256 of
+// them at T = 65536, k = 8, E = 512).
 __global__ void __launch_bounds__(kScanThreads)
     scan_kernel(int32_t* hist, int64_t chunks, int64_t E, int64_t* offsets) {
   __shared__ int32_t buf[2][kScanThreads];
@@ -152,11 +156,13 @@ struct alignas(sizeof(T) * V) Pack {
 
 template <typename T, int V>
 __device__ __forceinline__ Pack<T, V> load_pack(const T* row, int64_t p) {
+  expect_aligned(row + p * V, sizeof(Pack<T, V>));
   return reinterpret_cast<const Pack<T, V>*>(row)[p];
 }
 
 template <typename T, int V>
 __device__ __forceinline__ void store_pack(T* row, int64_t p, const Pack<T, V>& pack) {
+  expect_aligned(row + p * V, sizeof(Pack<T, V>));
   reinterpret_cast<Pack<T, V>*>(row)[p] = pack;
 }
 

@@ -214,6 +214,7 @@ struct TileShape {
   static constexpr int MI = kRows / kWarpRows / 16, NI = kCols / kWarpCols / 8;  // mma tiles
 };
 using SmallTile = TileShape<BM, BN, 2, 2>;  // a warp: 32 x 32
+static_assert(kGroupedMmMaxCols == 65535LL * SmallTile::BN, "column tiles fill gridDim.y");
 using LargeTile = TileShape<128, 128, 2, 4>;  // a warp: 64 x 32
 
 constexpr int kStages = 2;
@@ -446,6 +447,11 @@ __global__ void __launch_bounds__(Shape::kThreads)
   run_tile<T, kLayout, Shape>(t);
 }
 
+// grad_bias[e, n] = sum of grad_out[r, n] over expert e's rows: a thread per (expert, column),
+// its rows in sequence (coalesced across the warp's columns).
+// TODO: split an expert's rows over several blocks (partial sums, then one reduction) if a
+// GPU profile shows this kernel: with one expert holding most rows and few columns (M of a few
+// hundred) only a few warps run, each a long chain of dependent loads.
 template <typename T>
 __global__ void grad_bias_kernel(const T* grad_out, const int64_t* offsets, int64_t M,
                                  int64_t col_blocks, T* grad_bias) {
@@ -462,10 +468,12 @@ __global__ void grad_bias_kernel(const T* grad_out, const int64_t* offsets, int6
 bool packs(int64_t elems) { return elems % 8 == 0; }
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The current device runs sm_80+ code of this module (binaryVersion: the code the driver
-// loaded for it; one module, so any of its kernels answers): a build for older architectures
-// (TORCH_CUDA_ARCH_LIST="7.5") compiles the pipelined tile without tensor cores, so the
-// register-staged one must serve. Asked once per device and remembered, off the launch path;
+// The current device runs sm_80+ code of this module (one module, so any of its kernels
+// answers): a build for older architectures (TORCH_CUDA_ARCH_LIST="7.5") compiles the
+// pipelined tile without tensor cores, so the register-staged one must serve. Both versions
+// count: binaryVersion is the machine code the driver loaded, ptxVersion the virtual
+// architecture it was compiled from (__CUDA_ARCH__), which is lower when the driver compiled
+// an older build's PTX for a newer card ("7.5+PTX" on an H100: 90 and 75, no tensor cores). Asked once per device and remembered, off the launch path;
 // the emulator asks every time (tests change the architecture it emulates).
 bool runs_sm80_code() {
   auto ask = []() {
@@ -475,7 +483,7 @@ bool runs_sm80_code() {
       cudaGetLastError();  // clear it: the register-staged tile serves
       return false;
     }
-    return attributes.binaryVersion >= 80;
+    return attributes.binaryVersion >= 80 && attributes.ptxVersion >= 80;
   };
 #ifdef SMOE_CUDA_EMULATE
   return ask();

@@ -15,11 +15,18 @@ namespace {
 Placement on_x_device(const at::Tensor& x) { return Placement::cuda("x", x); }
 
 // CUDA only: offsets[0] = 0 and offsets[E] = N, so with no experts there can be no rows. The
-// device checks the offsets' values, but with no experts nothing is launched, so the host checks
-// this one from the shapes alone; the CPU reads the values and fails on them instead.
+// device checks the offsets' values; this one the host checks from the shapes alone, before
+// any launch. The CPU reads the values and fails on them instead.
 void check_rows_without_experts(const char* op, const at::Tensor& x, int64_t num_experts) {
   TORCH_CHECK_VALUE(num_experts > 0 || x.size(0) == 0, op, ": offsets[0] must equal ",
                     "x.shape[0] (", x.size(0), ") when w has no experts");
+}
+
+// CUDA only: a product's column tiles are its grid's y dimension (at most 65535).
+void check_columns(const char* op, const char* name, int64_t columns) {
+  TORCH_CHECK_VALUE(columns <= cuda::kGroupedMmMaxCols, op, ": ", name, " must be at most ",
+                    cuda::kGroupedMmMaxCols, " on CUDA (65535 tiles of 64 columns), got ",
+                    columns);
 }
 
 at::Tensor empty_unless(bool needed, at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -48,13 +55,23 @@ at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& w,
   check_grouped_mm_args(op, x_in, w, offsets_in, on_x_device(x_in));
   check_rows_without_experts(op, x_in, w.size(0));
   check_grouped_mm_bias(op, bias, x_in, w, on_x_device(x_in));
+  check_columns(op, "w.shape[2]", w.size(2));
   const DeviceGuard guard(x_in.device());
 
   // allocate
   auto out = at::empty({x_in.size(0), w.size(2)}, x_in.options());
-  if (out.numel() == 0 || w.size(0) == 0) return out;
-  auto x = x_in.contiguous();
   auto offsets = offsets_in.contiguous();
+  if (out.numel() == 0) {
+    // Nothing to compute (no rows, no columns, or no experts), but offsets are checked, as
+    // the CPU kernel and the backward check them.
+    auto workspace = at::empty({cuda::grouped_mm_workspace_elems(w.size(0))},
+                               offsets.options().dtype(at::kInt));
+    SMOE_CUDA_CHECK(cuda::grouped_mm_check_offsets(
+        offsets.const_data_ptr<int64_t>(), x_in.size(0), w.size(0),
+        workspace.mutable_data_ptr<int32_t>(), current_stream()));
+    return out;
+  }
+  auto x = x_in.contiguous();
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
 
   // launch
@@ -70,6 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
   check_grouped_mm_args(op, x_in, w, offsets_in, on_x_device(x_in));
   check_rows_without_experts(op, x_in, w.size(0));
   check_grouped_mm_grad_out(op, grad_out_in, x_in, w, on_x_device(x_in));
+  if (output_mask[0]) check_columns(op, "w.shape[1]", w.size(1));  // grad_x's columns
   const int64_t num_rows = x_in.size(0), num_experts = w.size(0);
   const int64_t in_features = w.size(1), out_features = w.size(2);
   const DeviceGuard guard(x_in.device());
@@ -79,7 +97,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
   auto grad_x = empty_unless(output_mask[0], {num_rows, in_features}, options);
   auto grad_w = empty_unless(output_mask[1], {num_experts, in_features, out_features}, options);
   auto grad_bias = empty_unless(output_mask[2], {num_experts, out_features}, options);
-  if (num_experts == 0) return {grad_x.zero_(), grad_w, grad_bias};
   auto grad_out = grad_out_in.contiguous();
   auto offsets = offsets_in.contiguous();
   const auto stream = current_stream();

@@ -77,10 +77,12 @@ cudaError_t unpermute_backward(DType dtype, const void* grad_y, const void* ys,
 // ---- grouped_mm (grouped_mm.cu) -------------------------------------------------------------
 // Workspace int32 entries grouped_mm needs for E experts.
 int64_t grouped_mm_workspace_elems(int64_t E);
+// The most output columns of one product: its column tiles (64 wide) are gridDim.y.
+constexpr int64_t kGroupedMmMaxCols = 65535LL * 64;
 // out[N, M] rows of expert e = a[rows] @ b[e] (+ bias[e]); a [N, K] row-major; b element
 // (e, k, m) at b + e * b_se + k * b_sk + m * b_sm (any strides); bias [E, M] or null.
 // offsets [E + 1] int64 on the device, checked there (a trap naming the entry if invalid).
-// N, M, E > 0 (K may be 0: the product is then zeros).
+// N, M, E > 0 (K may be 0: the product is then zeros); M <= kGroupedMmMaxCols.
 cudaError_t grouped_mm(DType dtype, const void* a, const void* b, int64_t b_se, int64_t b_sk,
                        int64_t b_sm, const void* bias, const int64_t* offsets, int64_t N,
                        int64_t K, int64_t M, int64_t E, int32_t* workspace, void* out,

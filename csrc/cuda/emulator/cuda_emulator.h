@@ -26,7 +26,8 @@
 //     holds the printed text. (On a GPU the error surfaces at the next synchronizing call.)
 //   - __shared__ arrays are function statics: one block at a time uses them. Atomics are
 //     plain read-modify-writes (one OS thread runs all fibers).
-//   - Not modelled: memory ordering between blocks, timing, alignment faults, bank conflicts,
+//   - Not modelled: memory ordering between blocks, timing, alignment faults (but for
+//     expect_aligned, ldmatrix and cp.async, which check their addresses), bank conflicts,
 //     resource limits other than the launch configuration; shared memory is not refilled
 //     with garbage between blocks (a read of never-written shared memory goes unseen); the
 //     device's own math (nvcc contracts a * b + c into fma, and CUDA's expf / logf may differ
@@ -71,8 +72,11 @@ enum cudaError_t : int {
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
-// binaryVersion: the architecture the emulated device runs, 10 * major + minor:
-// SMOE_CUDA_EMULATOR_ARCH (default 90), so that launchers' architecture choices are tested.
+// binaryVersion: the architecture of the machine code the emulated device runs, 10 * major +
+// minor: SMOE_CUDA_EMULATOR_ARCH (default 90). ptxVersion: the virtual architecture that code
+// was compiled from (__CUDA_ARCH__ / 10): SMOE_CUDA_EMULATOR_PTX, default the same; lower
+// when the driver compiled an older build's PTX for the device (TORCH_CUDA_ARCH_LIST="7.5+PTX"
+// on an H100: 90 and 75). So launchers' architecture choices are tested.
 struct cudaFuncAttributes {
   int binaryVersion;
   int ptxVersion;
@@ -135,8 +139,10 @@ struct ThreadIndex {
 // The running fiber's indices (valid only inside a kernel).
 const ThreadIndex& self();
 
-// The emulated device's architecture, as cudaFuncAttributes::binaryVersion gives it.
+// The emulated device's architecture, as cudaFuncAttributes::binaryVersion gives it, and the
+// virtual architecture its code was compiled for (ptxVersion; what __CUDA_ARCH__ was).
 int binary_version();
+int ptx_version();
 
 // Kinds of warp collective; the payload of each lane is up to kMaxWords 32-bit words.
 enum class Collective : int {
@@ -224,6 +230,9 @@ void ldmatrix_x4(bool trans, uint32_t (&r)[4], const void* row);
 // a read before the wait and an overwrite while other threads still read show up. Both
 // addresses must be 16-byte aligned.
 void cp_async_16(void* shared, const void* global, bool valid);
+
+// Fails the launch unless p is a multiple of `bytes` (a vector access of that width).
+void check_aligned(const void* p, size_t bytes);
 void cp_async_commit();
 void cp_async_wait(int pending_groups);
 

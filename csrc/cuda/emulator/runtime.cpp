@@ -349,6 +349,11 @@ int binary_version() {
   return text != nullptr ? int(std::strtol(text, nullptr, 10)) : 90;
 }
 
+int ptx_version() {
+  const char* text = std::getenv("SMOE_CUDA_EMULATOR_PTX");
+  return text != nullptr ? int(std::strtol(text, nullptr, 10)) : binary_version();
+}
+
 void syncthreads() {
   Grid& g = *g_grid;
   Fiber* f = g.current;
@@ -407,6 +412,13 @@ void ldmatrix_x4(bool trans, uint32_t (&r)[4], const void* row) {
   warp_collective(trans ? Collective::kLdMatrixTrans : Collective::kLdMatrix, 0xffffffffu, in,
                   out);
   std::memcpy(r, out, sizeof(r));
+}
+
+void check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    fail(where() + ": a " + std::to_string(bytes) + "-byte access is not " +
+         std::to_string(bytes) + "-byte aligned");
+  }
 }
 
 void cp_async_16(void* shared, const void* global, bool valid) {
@@ -552,8 +564,7 @@ const char* cudaGetErrorString(cudaError_t error) {
 
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void* func) {
   (void)func;
-  const int version = smoe::emu::binary_version();
-  *attributes = {version, version};
+  *attributes = {smoe::emu::binary_version(), smoe::emu::ptx_version()};
   return cudaSuccess;
 }
 
