@@ -373,6 +373,60 @@ def test_grouped_mm_matches_the_float64_reference(emu, case, dtype, layout):
     assert_close(grad_b, b64.grad, dtype=dtype, scale=max(1.0, rows / 8))
 
 
+def grouped_mm_against_the_reference(emu, x, w, offsets, bias, grad_out, dtype, scale):
+    out = emu.grouped_mm(x, w, offsets, bias)
+    grad_x, grad_w, grad_b = emu.grouped_mm_backward(grad_out, x, w, offsets, [True] * 3)
+    x64, w64, b64 = (t.double().requires_grad_(True) for t in (x, w, bias))
+    ref = reference.grouped_mm(x64, w64, offsets, b64)
+    ref.backward(grad_out.double())
+    assert_close(out, ref, dtype=dtype, scale=scale)
+    for got, want in ((grad_x, x64.grad), (grad_w, w64.grad), (grad_b, b64.grad)):
+        assert_close(got, want, dtype=dtype, scale=scale)
+    return out, grad_w
+
+
+def test_grouped_mm_of_views_off_16_bytes_takes_the_staged_tile(emu):
+    # x, w and grad_out start 2 bytes into their storage: whole 8-element packs, but not
+    # 16-byte aligned, so every product must take the register-staged tile (the emulator
+    # fails a misaligned cp.async).
+    gen = torch.Generator().manual_seed(5)
+    counts, K, M = [10, 0, 90, 30], 48, 72
+    E, N = len(counts), sum(counts)
+
+    def view(*shape):
+        flat = torch.randn(torch.Size(shape).numel() + 1, generator=gen).to(torch.bfloat16)
+        return flat[1:].view(*shape)
+
+    x, w, grad_out = view(N, K), view(E, K, M), view(N, M)
+    bias = torch.randn(E, M, generator=gen).to(torch.bfloat16)
+    grouped_mm_against_the_reference(emu, x, w, offsets_of(counts), bias, grad_out,
+                                     torch.bfloat16, scale=12)
+
+
+def test_grouped_mm_with_257_experts_and_a_nan_row(emu):
+    # Prime E past 256, empty first and last experts (their grad_w and grad_bias exactly 0),
+    # and a NaN in one row of x: only that row of out, and only its expert's grad_w, turn NaN.
+    gen = torch.Generator().manual_seed(257)
+    counts = torch.randint(0, 4, (257,), generator=gen).tolist()
+    counts[0] = counts[-1] = 0
+    counts[1] = 3
+    N = sum(counts)
+    x = torch.randn(N, 16, generator=gen).to(torch.bfloat16)
+    w = torch.randn(257, 16, 8, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(257, 8, generator=gen).to(torch.bfloat16)
+    grad_out = torch.randn(N, 8, generator=gen).to(torch.bfloat16)
+    offsets = offsets_of(counts)
+    _, grad_w = grouped_mm_against_the_reference(emu, x, w, offsets, bias, grad_out,
+                                                 torch.bfloat16, scale=2)
+    assert grad_w[0].abs().max() == 0 and grad_w[-1].abs().max() == 0
+
+    x[1, 5] = float("nan")  # row 1 belongs to expert 1 (rows 0 to 2)
+    out = emu.grouped_mm(x, w, offsets, bias)
+    assert out.isnan().any(dim=1).nonzero().flatten().tolist() == [1]
+    _, grad_w, _ = emu.grouped_mm_backward(grad_out, x, w, offsets, [False, True, False])
+    assert grad_w.isnan().flatten(1).any(dim=1).nonzero().flatten().tolist() == [1]
+
+
 # (machine code, PTX it came from): an sm_75 device; and an sm_90 device running code the
 # driver compiled from compute_75 PTX (a "7.5+PTX" build), which has no tensor cores either.
 @pytest.mark.parametrize("arch, ptx", [("75", "75"), ("90", "75")])
