@@ -250,6 +250,7 @@ DISPATCHES = [
     (257, 4, 257, None), (700, 2, 5, "one"),
     (1500, 2, 9, None),  # 3000 slots: three counting-sort chunks
     (600, 2, 600, None),  # a [chunks, E] histogram over one 1024-entry scan tile
+    (2600, 4, 16, "empty"),  # 11 chunks: two blocks of 8 counting warps
 ]
 
 
@@ -500,6 +501,11 @@ def test_dispatch_id_out_of_range_fails_on_the_device_with_its_message(emu):
     ids = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"smoe_ops.dispatch: ids\[1, 1\] = 9 is out of range"):
         emu.dispatch(ids, 4)
+    # Negative, and an int64 id that int32 would wrap to 1: compared before any narrowing.
+    with pytest.raises(RuntimeError, match=r"ids\[0, 1\] = -1 is out of range"):
+        emu.dispatch(torch.tensor([[0, -1]], dtype=torch.int32), 4)
+    with pytest.raises(RuntimeError, match=r"ids\[0, 1\] = 4294967297 is out of range"):
+        emu.dispatch(torch.tensor([[0, 2**32 + 1]]), 4)
 
 
 def test_row_writers_reject_an_inverse_that_is_not_a_permutation(emu):
