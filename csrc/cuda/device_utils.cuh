@@ -133,32 +133,34 @@ int64_t ask_resident_blocks(Kernel kernel, int threads) {
   return int64_t{multiprocessors} * per_multiprocessor;
 }
 
-// ask_resident_blocks for Kernel, asked once per device: the grid of a kernel whose blocks
-// loop over their rows, so that per-block state (route's counts in shared memory) is flushed
-// once per resident block, not once per row. Each kernel must always be launched with the
-// same `threads` (the cache is per kernel and device). The emulator asks every time, as its
-// tests change the multiprocessor count.
-template <auto Kernel>
-int64_t resident_blocks(int threads) {
+// ask() (an answer >= 0) for the current device, asked once per device and remembered, off
+// the launch path; each Ask type (each lambda) has its own memory. The emulator asks every
+// time, as its tests change what it emulates.
+template <typename Ask>
+int64_t once_per_device(Ask ask) {
 #ifdef SMOE_CUDA_EMULATE
-  return ask_resident_blocks(Kernel, threads);
+  return ask();
 #else
   constexpr int kMaxDevices = 64;
-  static std::atomic<int64_t> known[kMaxDevices] = {};  // -1: asked, failed; 0: not asked
+  static std::atomic<int64_t> known[kMaxDevices] = {};  // the answer + 1; 0: not asked
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
     cudaGetLastError();
-    return 0;
+    return ask();
   }
-  if (device < 0 || device >= kMaxDevices) return ask_resident_blocks(Kernel, threads);
-  int64_t blocks = known[device].load(std::memory_order_relaxed);
-  if (blocks == 0) {
-    blocks = ask_resident_blocks(Kernel, threads);
-    if (blocks <= 0) blocks = -1;
-    known[device].store(blocks, std::memory_order_relaxed);
+  if (known[device].load(std::memory_order_relaxed) == 0) {
+    known[device].store(ask() + 1, std::memory_order_relaxed);
   }
-  return blocks > 0 ? blocks : 0;
+  return known[device].load(std::memory_order_relaxed) - 1;
 #endif
+}
+
+// ask_resident_blocks for Kernel, once per device: the grid of a kernel whose blocks loop
+// over their rows, so that per-block state (route's counts in shared memory) is flushed once
+// per resident block, not once per row. Kernel must always be launched with `threads`.
+template <auto Kernel>
+int64_t resident_blocks(int threads) {
+  return once_per_device([threads] { return ask_resident_blocks(Kernel, threads); });
 }
 
 // A `bytes`-wide access at p must be `bytes`-aligned: on a GPU a misaligned vector access

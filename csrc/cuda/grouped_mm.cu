@@ -36,7 +36,6 @@
 //   such an expert 384 or more 64 x 64 tiles), tile sizes 64 x 64 and 128 x 128 only: tune
 //   them once gpu_check.sh has measured this version against torch._grouped_mm.
 // Reference: smoe_ops.reference.grouped_mm; CPU twin: csrc/cpu/grouped_mm.cpp.
-#include <atomic>
 
 #include "cuda/device_utils.cuh"
 
@@ -473,33 +472,19 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // pipelined tile without tensor cores, so the register-staged one must serve. Both versions
 // count: binaryVersion is the machine code the driver loaded, ptxVersion the virtual
 // architecture it was compiled from (__CUDA_ARCH__), which is lower when the driver compiled
-// an older build's PTX for a newer card ("7.5+PTX" on an H100: 90 and 75, no tensor cores). Asked once per device and remembered, off the launch path;
-// the emulator asks every time (tests change the architecture it emulates).
+// an older build's PTX for a newer card ("7.5+PTX" on an H100: 90 and 75, no tensor cores).
+// Asked once per device.
 bool runs_sm80_code() {
-  auto ask = []() {
+  auto ask = []() -> int64_t {
     cudaFuncAttributes attributes;
     if (cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(row_tiles_kernel)) !=
         cudaSuccess) {
       cudaGetLastError();  // clear it: the register-staged tile serves
-      return false;
+      return 0;
     }
     return attributes.binaryVersion >= 80 && attributes.ptxVersion >= 80;
   };
-#ifdef SMOE_CUDA_EMULATE
-  return ask();
-#else
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices] = {};  // 0: not asked, 1: no, 2: yes
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
-    cudaGetLastError();
-    return ask();
-  }
-  if (known[device].load(std::memory_order_relaxed) == 0) {
-    known[device].store(ask() ? 2 : 1, std::memory_order_relaxed);
-  }
-  return known[device].load(std::memory_order_relaxed) == 2;
-#endif
+  return once_per_device(ask) == 1;
 }
 
 // The offsets check, and the prefix of row tiles of tile_rows rows per expert in workspace.

@@ -29,6 +29,17 @@ void check_columns(const char* op, const char* name, int64_t columns) {
                     columns);
 }
 
+// The device-side check of offsets, alone: for a launch that computes nothing, or before
+// kernels that trust offsets (grad_w, grad_bias).
+void check_offsets_alone(const at::Tensor& offsets, int64_t num_rows, int64_t num_experts) {
+  auto workspace = at::empty({cuda::grouped_mm_workspace_elems(num_experts)},
+                             offsets.options().dtype(at::kInt));
+  SMOE_CUDA_CHECK(cuda::grouped_mm_check_offsets(offsets.const_data_ptr<int64_t>(), num_rows,
+                                                 num_experts,
+                                                 workspace.mutable_data_ptr<int32_t>(),
+                                                 current_stream()));
+}
+
 at::Tensor empty_unless(bool needed, at::IntArrayRef sizes, const at::TensorOptions& options) {
   return needed ? at::empty(sizes, options) : at::empty({0}, options);
 }
@@ -64,11 +75,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& w,
   if (out.numel() == 0) {
     // Nothing to compute (no rows, no columns, or no experts), but offsets are checked, as
     // the CPU kernel and the backward check them.
-    auto workspace = at::empty({cuda::grouped_mm_workspace_elems(w.size(0))},
-                               offsets.options().dtype(at::kInt));
-    SMOE_CUDA_CHECK(cuda::grouped_mm_check_offsets(
-        offsets.const_data_ptr<int64_t>(), x_in.size(0), w.size(0),
-        workspace.mutable_data_ptr<int32_t>(), current_stream()));
+    check_offsets_alone(offsets, x_in.size(0), w.size(0));
     return out;
   }
   auto x = x_in.contiguous();
@@ -104,12 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_backward_cuda(
   // launch. grad_w and grad_bias trust offsets: the grad_x launch checks them first, or the
   // check runs alone.
   if (!(output_mask[0] && grad_x.numel() > 0)) {
-    auto workspace = at::empty({cuda::grouped_mm_workspace_elems(num_experts)},
-                               offsets.options().dtype(at::kInt));
-    SMOE_CUDA_CHECK(cuda::grouped_mm_check_offsets(offsets.const_data_ptr<int64_t>(), num_rows,
-                                                   num_experts,
-                                                   workspace.mutable_data_ptr<int32_t>(),
-                                                   stream));
+    check_offsets_alone(offsets, num_rows, num_experts);
   } else {
     // grad_x = grad_out @ w[e]^T: w^T's view [E, M, K] through strides, no copy.
     launch_rows(grad_out, w, {w.stride(0), w.stride(2), w.stride(1)}, at::Tensor(), offsets,

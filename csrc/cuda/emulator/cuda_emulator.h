@@ -230,11 +230,11 @@ void ldmatrix_x4(bool trans, uint32_t (&r)[4], const void* row);
 // a read before the wait and an overwrite while other threads still read show up. Both
 // addresses must be 16-byte aligned.
 void cp_async_16(void* shared, const void* global, bool valid);
+void cp_async_commit();
+void cp_async_wait(int pending_groups);
 
 // Fails the launch unless p is a multiple of `bytes` (a vector access of that width).
 void check_aligned(const void* p, size_t bytes);
-void cp_async_commit();
-void cp_async_wait(int pending_groups);
 
 }  // namespace emu
 }  // namespace smoe
