@@ -10,9 +10,9 @@
 #
 #   bash benchmarks/rehearse_gpu_check.sh      # from the repository root; needs network once
 #
-# The venv (REHEARSAL_VENV, default /tmp/smoe-gpu-rehearsal) takes about 3 GB of downloads
-# from PyPI on first use (torch and its nvidia-* wheels), then is reused. A build takes about
-# 3 minutes on 2 cores. Not part of CI: it needs Python 3.12 and those downloads.
+# The venv (REHEARSAL_VENV, default /tmp/smoe-gpu-rehearsal) downloads torch and its nvidia-*
+# wheels from PyPI on first use (several GB), then is reused; the build's time is printed.
+# Not part of CI: it needs Python 3.12 and those downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${REHEARSAL_VENV:-/tmp/smoe-gpu-rehearsal}
